@@ -1,0 +1,24 @@
+"""Assembles `defs` from the domain packages; nothing else.
+
+Loads with no environment set (`dagster definitions validate` runs anywhere): resources
+read the configuration contract's variables when a run starts, and a missing one fails
+that run naming it. Bad settings ($WEDEFI_SETTINGS) fail here, at load time.
+"""
+
+import dagster as dg
+
+from wedefi_pipelines.defs import cache, health, ingestion, provisioning, schema, tiering
+from wedefi_pipelines.resources.database import DatabaseResource
+from wedefi_pipelines.settings import current_settings
+
+current_settings()  # a bad $WEDEFI_SETTINGS fails here, when the code location loads
+
+defs = dg.Definitions.merge(
+    schema.defs,
+    provisioning.defs,
+    ingestion.defs,
+    tiering.defs,
+    cache.defs,
+    health.defs,
+    dg.Definitions(resources={"database": DatabaseResource()}),
+)

@@ -1,0 +1,5 @@
+"""Redis cache (issue 6)."""
+
+import dagster as dg
+
+defs = dg.Definitions()

@@ -1,0 +1,5 @@
+"""Database health sensors and alerting (issue 7)."""
+
+import dagster as dg
+
+defs = dg.Definitions()

@@ -1,0 +1,5 @@
+"""Snapshot ingestion (issue 4)."""
+
+import dagster as dg
+
+defs = dg.Definitions()

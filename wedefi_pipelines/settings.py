@@ -1,0 +1,280 @@
+"""One validated settings object: thresholds, tier ages, routing and source choices.
+
+Defaults live here, in code. A YAML file named by $WEDEFI_SETTINGS overrides any part of
+them; it is shaped like the seed's configuration (its `database`/`routing` block and its
+`alerts` list with `condition: query_duration > 5000ms`), so the seed's YAML can be
+pasted in. A bad value fails when the code location loads, with the key that was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import date
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SETTINGS_ENV = "WEDEFI_SETTINGS"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the file and the key."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(value: Any) -> float:
+    """'50ms', '1s', '5000ms' or a bare number of milliseconds -> milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '50ms', got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration like '50ms' or '1s', got {value!r}")
+    return float(match.group(1)) * _UNIT_MS[match.group(2) or "ms"]
+
+
+DurationMs = Annotated[float, BeforeValidator(parse_duration_ms), Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- database and routing (the seed's "Read Replica Architecture") ------------------------
+
+class ServerSettings(_Strict):
+    max_connections: int = Field(20, ge=1, le=1000)
+    lag_threshold: DurationMs = 50.0  # replicas only: reads move to the primary past this
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+
+
+Target = Literal["primary", "read_replicas", "analytics_replica"]
+WORKLOADS = ("portfolio_queries", "balance_sync", "alert_processing", "risk_analytics", "user_dashboard")
+
+
+class DatabaseSettings(_Strict):
+    primary: ServerSettings = ServerSettings(max_connections=20)
+    read_replica: ServerSettings = ServerSettings(max_connections=30)
+    analytics_replica: ServerSettings = ServerSettings(max_connections=30)
+    lag_check_interval_s: float = Field(1.0, ge=0, le=60)
+
+
+class RoutingSettings(_Strict):
+    portfolio_queries: Target = "read_replicas"
+    balance_sync: Target = "primary"
+    alert_processing: Target = "primary"
+    risk_analytics: Target = "analytics_replica"
+    user_dashboard: Target = "read_replicas"
+
+
+# -- alerting (the seed's "Automated Performance Alerting" list) ---------------------------
+
+_ALERT_METRICS = {
+    "SlowQueryDetected": ("query_duration", ">", "ms"),
+    "HighConnectionCount": ("active_connections", ">", ""),
+    "IndexScanEfficiency": ("index_hit_ratio", "<", "%"),
+    "ReplicationLag": ("replica_lag", ">", "ms"),
+}
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*(\d+(?:\.\d+)?)\s*(ms|s|%)?\s*$")
+
+
+class AlertRule(_Strict):
+    name: Literal["SlowQueryDetected", "HighConnectionCount", "IndexScanEfficiency", "ReplicationLag"]
+    condition: str
+    action: str = "log_and_alert"
+
+    @model_validator(mode="after")
+    def _condition_matches_name(self) -> "AlertRule":
+        self.threshold  # parse now so a bad condition fails at load time
+        return self
+
+    @property
+    def threshold(self) -> float:
+        metric, op, unit = _ALERT_METRICS[self.name]
+        match = _CONDITION.match(self.condition)
+        if not match:
+            raise ValueError(f"condition {self.condition!r} is not '<metric> {op} <number>{unit}'")
+        got_metric, got_op, number, got_unit = match.groups()
+        if got_metric != metric or got_op != op:
+            raise ValueError(f"{self.name} needs a condition on '{metric} {op} ...', got {self.condition!r}")
+        value = float(number)
+        if unit == "ms":
+            if got_unit not in ("ms", "s", None):
+                raise ValueError(f"{self.name}: unit must be ms or s, got {got_unit!r}")
+            return value * (1000 if got_unit == "s" else 1)
+        if unit == "%":
+            if got_unit not in ("%", None):
+                raise ValueError(f"{self.name}: unit must be %, got {got_unit!r}")
+            if not 0 < value <= 100:
+                raise ValueError(f"{self.name}: a ratio must be in (0, 100]%, got {value}")
+            return value
+        if got_unit is not None:
+            raise ValueError(f"{self.name}: takes a plain number, got unit {got_unit!r}")
+        return value
+
+
+DEFAULT_ALERTS = (
+    AlertRule(name="SlowQueryDetected", condition="query_duration > 5000ms"),
+    AlertRule(name="HighConnectionCount", condition="active_connections > 80", action="scale_read_replicas"),
+    AlertRule(name="IndexScanEfficiency", condition="index_hit_ratio < 95%", action="analyze_missing_indexes"),
+    AlertRule(name="ReplicationLag", condition="replica_lag > 1000ms", action="investigate_replication"),
+)
+
+
+class MonitoringSettings(_Strict):
+    """The seed's query report (mean > 100 ms, top 20), separate from the 5,000 ms alert."""
+
+    slow_query_report_mean_ms: DurationMs = 100.0
+    slow_query_report_top: int = Field(20, ge=1, le=500)
+    statement_timeout_ms: int = Field(2000, ge=100, le=60_000)
+    sensor_interval_s: int = Field(30, ge=5, le=3600)
+
+
+# -- tiers, partitions, sources, cache -------------------------------------------------------
+
+RANGE_TABLES = ("PriceSnapshot", "PortfolioSnapshot", "PositionSnapshot")
+
+
+class TierAges(_Strict):
+    hot_days: int = Field(30, ge=1)
+    cold_days: int = Field(365, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TierAges":
+        if self.cold_days <= self.hot_days:
+            raise ValueError(f"cold_days ({self.cold_days}) must be greater than hot_days ({self.hot_days})")
+        return self
+
+
+class TierSettings(_Strict):
+    PriceSnapshot: TierAges = TierAges()
+    PortfolioSnapshot: TierAges = TierAges()
+    PositionSnapshot: TierAges = TierAges()
+
+    @model_validator(mode="after")
+    def _portfolio_and_positions_move_together(self) -> "TierSettings":
+        if self.PortfolioSnapshot != self.PositionSnapshot:
+            raise ValueError("PortfolioSnapshot and PositionSnapshot archive together: give them the same ages")
+        return self
+
+    def for_table(self, table: str) -> TierAges:
+        return getattr(self, table)
+
+
+class PartitionSettings(_Strict):
+    start: date = date(2024, 1, 1)
+    horizon_months: int = Field(6, ge=1, le=60)
+
+    @field_validator("start")
+    @classmethod
+    def _first_of_month(cls, value: date) -> date:
+        if value.day != 1:
+            raise ValueError(f"must be the first day of a month, got {value.isoformat()}")
+        return value
+
+
+class SyntheticSettings(_Strict):
+    seed: int = 20240101
+    tokens: int = Field(500, ge=2, le=100_000)
+    wallets: int = Field(10_000, ge=1, le=10_000_000)
+    max_tokens_per_wallet: int = Field(50, ge=1, le=1000)
+    tick_minutes: int = Field(15, ge=1, le=1440)
+
+
+class HttpSourceSettings(_Strict):
+    base_url: str = "https://api.coingecko.com/api/v3"
+    api_key_env: str = "COINGECKO_API_KEY"
+    api_key_header: str = "x-cg-demo-api-key"
+    batch_size: int = Field(100, ge=1, le=1000)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    max_retries: int = Field(5, ge=0, le=20)
+    backoff_s: float = Field(1.0, ge=0, le=60)
+
+
+class SourceSettings(_Strict):
+    price: Literal["synthetic", "http"] = "synthetic"
+    synthetic: SyntheticSettings = SyntheticSettings()
+    http: HttpSourceSettings = HttpSourceSettings()
+
+
+class CacheSettings(_Strict):
+    price_latest_ttl_s: int = Field(60, ge=1)
+    portfolio_ttl_s: int = Field(300, ge=1)
+    governance_ttl_s: int = Field(1800, ge=1)
+    pipeline_batch: int = Field(1000, ge=1, le=100_000)
+
+
+class Settings(_Strict):
+    database: DatabaseSettings = DatabaseSettings()
+    routing: RoutingSettings = RoutingSettings()
+    alerts: tuple[AlertRule, ...] = DEFAULT_ALERTS
+    monitoring: MonitoringSettings = MonitoringSettings()
+    tiers: TierSettings = TierSettings()
+    partitions: PartitionSettings = PartitionSettings()
+    sources: SourceSettings = SourceSettings()
+    cache: CacheSettings = CacheSettings()
+
+    @field_validator("alerts")
+    @classmethod
+    def _complete_alerts(cls, rules: tuple[AlertRule, ...]) -> tuple[AlertRule, ...]:
+        """A YAML list may name some alerts only; the others keep their defaults."""
+        names = [r.name for r in rules]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            raise ValueError(f"alert(s) listed twice: {sorted(duplicated)}")
+        given = {r.name: r for r in rules}
+        return tuple(given.get(d.name, d) for d in DEFAULT_ALERTS)
+
+    def alert_threshold(self, name: str) -> float:
+        for rule in self.alerts:
+            if rule.name == name:
+                return rule.threshold
+        raise KeyError(name)
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_settings(data: dict[str, Any] | None, source: str = "settings") -> Settings:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"invalid settings in {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_format_error(source, exc)) from None
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Defaults, overridden by the YAML at `path` (or $WEDEFI_SETTINGS when `path` is None)."""
+    path = path if path is not None else os.environ.get(SETTINGS_ENV)
+    if not path:
+        return Settings()
+    file = Path(path)
+    if not file.is_file():
+        raise SettingsError(f"{SETTINGS_ENV}={path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{SETTINGS_ENV}={path}: not valid YAML: {exc}") from None
+    return parse_settings(data, source=str(file))
+
+
+@lru_cache(maxsize=1)
+def current_settings() -> Settings:
+    """The process-wide settings, read once when the code location loads."""
+    return load_settings()
