@@ -272,14 +272,18 @@ def create_child_indexes_sql(table: RangeTable, month: date, target: str | None 
     ]
 
 
+def bounds_check_name(relation: str) -> str:
+    return f"{relation}_bounds"
+
+
 def bounds_check_sql(table: RangeTable, month: date, relation: str) -> sql.Composed:
-    """A CHECK matching the month's bounds, so ATTACH PARTITION can skip its validation scan."""
+    """A CHECK matching the month's bounds on `relation`, so ATTACH PARTITION can skip its scan."""
     start, end = month_bounds(month)
     return sql.SQL(
         "ALTER TABLE {rel} ADD CONSTRAINT {name} CHECK ({col} IS NOT NULL AND {col} >= {start} AND {col} < {end})"
     ).format(
         rel=sql.Identifier(relation),
-        name=sql.Identifier(f"{child_name(table, month)}_bounds"),
+        name=sql.Identifier(bounds_check_name(relation)),
         col=sql.Identifier(table.time_column),
         start=_bound(start),
         end=_bound(end),
