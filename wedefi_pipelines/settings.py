@@ -206,10 +206,17 @@ class SourceSettings(_Strict):
 
 
 class CacheSettings(_Strict):
+    """The seed's Redis TTLs, and how the refresh and the API-side CacheManager behave."""
+
     price_latest_ttl_s: int = Field(60, ge=1)
     portfolio_ttl_s: int = Field(300, ge=1)
     governance_ttl_s: int = Field(1800, ge=1)
     pipeline_batch: int = Field(1000, ge=1, le=100_000)
+    top_holdings: int = Field(20, ge=1, le=500)  # the seed's `take: 20` per wallet
+    lookback_days: int = Field(7, ge=1, le=366)  # time bound of "latest" lookups (prices, portfolio ticks)
+    socket_timeout_s: float = Field(0.5, gt=0, le=30)
+    outage_retry_s: float = Field(1.0, ge=0, le=300)  # an outage short-circuits calls this long between probes
+    lock_timeout_s: float = Field(5.0, gt=0, le=300)  # stampede lock: lifetime, and how long followers wait
 
 
 class Settings(_Strict):
