@@ -136,6 +136,12 @@ class MonitoringSettings(_Strict):
     slow_query_report_top: int = Field(20, ge=1, le=500)
     statement_timeout_ms: int = Field(2000, ge=100, le=60_000)
     sensor_interval_s: int = Field(30, ge=5, le=3600)
+    # Index hit ratio windows with fewer index block accesses than this pass (too small to judge).
+    index_hit_min_blocks: int = Field(1000, ge=0)
+    # ALERT_WEBHOOK_URL posts: per-attempt connect/read timeout, attempts, first backoff (doubling).
+    webhook_timeout_s: float = Field(3.0, gt=0, le=60)
+    webhook_attempts: int = Field(3, ge=1, le=10)
+    webhook_backoff_s: float = Field(0.5, ge=0, le=60)
 
 
 # -- tiers, partitions, sources, cache -------------------------------------------------------
