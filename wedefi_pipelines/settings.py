@@ -194,6 +194,13 @@ class SyntheticSettings(_Strict):
     max_tokens_per_wallet: int = Field(50, ge=1, le=1000)
     tick_minutes: int = Field(15, ge=1, le=1440)
 
+    @field_validator("tick_minutes")
+    @classmethod
+    def _divides_a_day(cls, value: int) -> int:
+        if 1440 % value:
+            raise ValueError(f"must divide a day (1, 5, 15, 60, ...), got {value}")
+        return value
+
 
 class HttpSourceSettings(_Strict):
     base_url: str = "https://api.coingecko.com/api/v3"
@@ -203,6 +210,8 @@ class HttpSourceSettings(_Strict):
     timeout_s: float = Field(10.0, gt=0, le=300)
     max_retries: int = Field(5, ge=0, le=20)
     backoff_s: float = Field(1.0, ge=0, le=60)
+    max_wait_s: float = Field(120.0, ge=0, le=3600)  # a longer Retry-After fails the run instead of stalling it
+    source_name: str = Field("coingecko", min_length=1, max_length=32)  # "PriceSnapshot".source
 
 
 class SourceSettings(_Strict):
@@ -225,6 +234,31 @@ class CacheSettings(_Strict):
     lock_timeout_s: float = Field(5.0, gt=0, le=300)  # stampede lock: lifetime, and how long followers wait
 
 
+class IngestionSettings(_Strict):
+    """Price loads, portfolio ticks and risk correlations (issue 4)."""
+
+    reject_warn_ratio: float = Field(0.01, ge=0, le=1)  # price_snapshots' check warns past this share rejected
+    price_lookback_hours: int = Field(48, ge=1, le=24 * 90)  # "latest price" reads only this recent window
+    portfolio_tick_minutes: int = Field(5, ge=1, le=1440)
+    correlation_top_k: int = Field(50, ge=2, le=1000)
+    correlation_timeframes: tuple[Literal["7d", "30d", "90d", "1y"], ...] = ("7d", "30d")
+    correlation_interval_minutes: int = Field(60, ge=1, le=1440)  # returns are sampled on this grid
+
+    @field_validator("portfolio_tick_minutes", "correlation_interval_minutes")
+    @classmethod
+    def _divides_a_day(cls, value: int) -> int:
+        if 1440 % value:
+            raise ValueError(f"must divide a day (1, 5, 15, 60, ...), got {value}")
+        return value
+
+    @field_validator("correlation_timeframes")
+    @classmethod
+    def _some_timeframes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"list one or more distinct timeframes, got {list(value)}")
+        return value
+
+
 class Settings(_Strict):
     database: DatabaseSettings = DatabaseSettings()
     routing: RoutingSettings = RoutingSettings()
@@ -234,6 +268,7 @@ class Settings(_Strict):
     partitions: PartitionSettings = PartitionSettings()
     sources: SourceSettings = SourceSettings()
     cache: CacheSettings = CacheSettings()
+    ingestion: IngestionSettings = IngestionSettings()
 
     @field_validator("alerts")
     @classmethod
