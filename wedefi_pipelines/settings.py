@@ -142,6 +142,9 @@ class MonitoringSettings(_Strict):
     webhook_timeout_s: float = Field(3.0, gt=0, le=60)
     webhook_attempts: int = Field(3, ge=1, le=10)
     webhook_backoff_s: float = Field(0.5, ge=0, le=60)
+    # A breach episode ends (and its alert resolves) once its probe has passed this long:
+    # damps flapping, and keeps one-off breaches (a slow query) open long enough to dispatch.
+    clear_after_s: int = Field(300, ge=0, le=86_400)
 
 
 # -- tiers, partitions, sources, cache -------------------------------------------------------
