@@ -64,6 +64,36 @@ def create_bare_child(conn: psycopg.Connection, table: p.RangeTable, month: date
     return child
 
 
+def table_columns(conn: psycopg.Connection, name: str) -> list[str]:
+    """The relation's live columns in their physical order."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped"
+        " ORDER BY attnum",
+        (sql.Identifier(name).as_string(conn),),
+    )
+    return [r[0] for r in rows]
+
+
+def move_from_default(conn: psycopg.Connection, table: p.RangeTable, month: date, target: str) -> int:
+    """Move the month's rows out of the default partition into `target`, in one statement
+    of the caller's transaction (a staged bare child, or an attached child); returns the count.
+
+    Columns are named, so a default partition whose physical column order differs from
+    the target's (a dropped column, say) still lines up.
+    """
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in table_columns(conn, table.name))
+    query = sql.SQL(
+        "WITH moved AS (DELETE FROM {default} WHERE {window} RETURNING {cols}) "
+        "INSERT INTO {target} ({cols}) SELECT {cols} FROM moved"
+    ).format(
+        default=sql.Identifier(p.default_name(table)),
+        window=p.time_window_sql(table, month),
+        cols=columns,
+        target=sql.Identifier(target),
+    )
+    return conn.execute(query).rowcount
+
+
 def index_and_attach(conn: psycopg.Connection, table: p.RangeTable, month: date) -> None:
     """Build the per-child indexes on the loaded bare child, prove its bounds, attach it.
 
@@ -90,7 +120,8 @@ def staged_month(conn: psycopg.Connection, table: p.RangeTable, month: date) -> 
     Run inside a transaction: if the caller or the attach fails, the rollback removes the
     bare table and nothing is half-attached.
     """
-    if conn.autocommit:
+    # an autocommit connection inside `with conn.transaction():` is in a transaction block too
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         raise ValueError("staged_month needs a transaction: a failure must roll the bare table back")
     child = create_bare_child(conn, table, month)
     yield child
