@@ -1,0 +1,177 @@
+"""Refreshing the whole cache from the database: what the `redis_cache` asset runs.
+
+Reads go through the database's workload routing (prices as `user_dashboard`, wallets as
+`portfolio_queries`: the read replica, or the primary when the replica lags or is down),
+in keyset chunks of `cache.pipeline_batch` wallets, each chunk one statement per family.
+Writes go out in pipelined batches of the same size through `CacheStore.put_many`, which
+skips values whose data did not change when comparing is cheaper than resending
+(decided per batch from the value size and the unchanged ratio seen so far).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Sequence
+
+import redis
+
+from wedefi_pipelines.cache import contract as c
+from wedefi_pipelines.cache import queries as q
+from wedefi_pipelines.cache.store import CacheStore, CacheUnavailable, WriteCounts, describe, worth_comparing
+from wedefi_pipelines.resources.database import Database
+from wedefi_pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ALL_FAMILIES = ("price", "portfolio", "governance")
+PRICE_WORKLOAD = "user_dashboard"
+WALLET_WORKLOAD = "portfolio_queries"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class FamilyReport:
+    keys: int = 0  # values computed from the database
+    batches: int = 0
+    writes: WriteCounts = field(default_factory=WriteCounts)
+    unchanged_ratio: float = 1.0  # optimistic until a compared batch says otherwise
+
+    def as_dict(self) -> dict[str, int]:
+        return {"keys": self.keys, "batches": self.batches, **self.writes.as_dict()}
+
+
+@dataclass
+class RefreshReport:
+    families: dict[str, FamilyReport]
+    seconds: float = 0.0
+    read_from: dict[str, str] = field(default_factory=dict)
+    redis: str = ""
+
+    @property
+    def keys(self) -> int:
+        return sum(f.keys for f in self.families.values())
+
+    @property
+    def keys_per_s(self) -> float:
+        return self.keys / self.seconds if self.seconds > 0 else 0.0
+
+    def metadata(self) -> dict:
+        """Flat metadata for Dagster: keys written per family and how long it took."""
+        meta: dict = {"seconds": round(self.seconds, 3), "keys": self.keys, "keys_per_s": round(self.keys_per_s, 1),
+                      "redis": self.redis}
+        for name, fam in self.families.items():
+            for k, v in fam.as_dict().items():
+                meta[f"{name}_{k}"] = v
+        for workload, reason in self.read_from.items():
+            meta[f"read_from_{workload}"] = reason
+        return meta
+
+
+class _Writer:
+    """Batches one family's values into pipelined writes, deciding per batch whether to compare."""
+
+    def __init__(self, store: CacheStore, fam: c.Family, ttl: int, batch: int, report: FamilyReport,
+                 on_batch: Callable[[str, int], None] | None) -> None:
+        self.store, self.fam, self.ttl, self.batch, self.report = store, fam, ttl, batch, report
+        self.on_batch = on_batch
+        self.pending: list[c.Encoded] = []
+
+    def add(self, entity_id: str, data: dict, computed_at: str) -> None:
+        self.pending.append(c.encode(self.fam.key(entity_id), data, computed_at))
+        self.report.keys += 1
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        entries, self.pending = self.pending, []
+        mean_bytes = sum(len(e.value) for e in entries) / len(entries)
+        compare = worth_comparing(mean_bytes, self.report.unchanged_ratio)
+        counts = self.store.put_many(entries, self.ttl, compare=compare)
+        if compare:
+            self.report.unchanged_ratio = counts.unchanged_ratio
+        self.report.writes.add(counts)
+        self.report.batches += 1
+        if self.on_batch is not None:
+            self.on_batch(self.fam.name, self.report.batches)
+
+
+def refresh_cache(
+    database: Database,
+    client: redis.Redis,
+    settings: Settings | None = None,
+    *,
+    families: Iterable[str] = ALL_FAMILIES,
+    as_of: datetime | None = None,
+    on_batch: Callable[[str, int], None] | None = None,
+    logger: logging.Logger | None = None,
+) -> RefreshReport:
+    """Recompute every price, portfolio and governance value and write what changed.
+
+    `as_of` moves the "latest" window (tests, replays); values are always stamped with
+    the real time their read started. `on_batch(family, n)` is called after each
+    written batch. A Redis failure raises CacheUnavailable naming the server and how far
+    the refresh got; a database failure propagates as psycopg's error.
+    """
+    settings = settings or database.settings
+    cfg = settings.cache
+    logger = logger or log
+    chosen = c.families(families)
+    store = CacheStore(client)
+    report = RefreshReport({f.name: FamilyReport() for f in chosen}, redis=describe(client))
+    writers = {f.name: _Writer(store, f, f.ttl(cfg), cfg.pipeline_batch, report.families[f.name], on_batch)
+               for f in chosen}
+    since = q.window_start(cfg.lookback_days, as_of)
+    started = time.perf_counter()
+    try:
+        if "price" in writers:
+            report.read_from[PRICE_WORKLOAD] = database.route(PRICE_WORKLOAD).reason
+            at = c.iso_utc(utc_now())
+            with database.connection(PRICE_WORKLOAD) as conn:
+                prices = q.latest_prices(conn, since)
+            for token_id, data in prices.items():
+                writers["price"].add(token_id, data, at)
+            writers["price"].flush()
+        wallet_families = [f for f in c.WALLET_FAMILIES if f in writers]
+        if wallet_families:
+            report.read_from[WALLET_WORKLOAD] = database.route(WALLET_WORKLOAD).reason
+            _refresh_wallets(database, writers, wallet_families, since, cfg.top_holdings, cfg.pipeline_batch)
+    except redis.RedisError as exc:
+        done = ", ".join(f"{n}: {f.writes.written + f.writes.unchanged}" for n, f in report.families.items())
+        raise CacheUnavailable(
+            f"Redis at {report.redis} failed during the cache refresh ({type(exc).__name__}: {exc}); "
+            f"keys stored before the failure: {done}. The next refresh rewrites everything that is missing."
+        ) from exc
+    report.seconds = time.perf_counter() - started
+    logger.info("cache refresh: %s keys in %.2fs (%s)", report.keys, report.seconds,
+                {n: f.as_dict() for n, f in report.families.items()})
+    return report
+
+
+def _refresh_wallets(database: Database, writers: dict[str, _Writer], wallet_families: Sequence[str],
+                     since: datetime, top: int, chunk: int) -> None:
+    after = None
+    while True:
+        at = c.iso_utc(utc_now())
+        with database.connection(WALLET_WORKLOAD) as conn:
+            ids = q.wallet_ids_after(conn, after, chunk)
+            if not ids:
+                break
+            values = {}
+            if "portfolio" in wallet_families:
+                values["portfolio"] = q.portfolio_summaries(conn, ids, since, top)
+            if "governance" in wallet_families:
+                values["governance"] = q.governance_locks(conn, ids)
+        for name, by_wallet in values.items():
+            for wallet_id, data in by_wallet.items():
+                writers[name].add(wallet_id, data, at)
+        after = ids[-1]
+    for name in wallet_families:
+        writers[name].flush()
