@@ -141,6 +141,37 @@ def resolve_bin_dir(pg_bin: str | os.PathLike | None) -> Path:
     return path
 
 
+OWNER_FILE = "owner.pid"
+
+
+def remove_abandoned_stacks(root: Path) -> None:
+    """Delete stack folders whose owning process is gone (a killed test run leaves them on tmpfs).
+
+    Any postmaster still running from such a folder is stopped first: it has no owner left.
+    """
+    for folder in root.glob("stack-*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(owner):
+            continue
+        for pid_file in [*folder.glob("*/postmaster.pid"), folder / "redis" / "redis.pid"]:
+            with contextlib.suppress(OSError, ValueError, IndexError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGQUIT if pid_file.name == "postmaster.pid" else signal.SIGTERM)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class PostgresServer:
     """One postmaster we own: initdb'd or cloned data dir, its port, its process."""
@@ -329,7 +360,8 @@ class RedisServer:
             log_file = open(self.log_path, "ab")
             self.process = subprocess.Popen(
                 [self.binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
+                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),
+                 "--pidfile", str(self.workdir / "redis.pid")],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -470,8 +502,10 @@ class LocalStack:
             self.pg_user = pwd.getpwuid(os.geteuid()).pw_name
             owner = (os.geteuid(), os.getegid())
         root = _mkdir(stack_root(), 0o1777)
+        remove_abandoned_stacks(root)
         self.base_dir = Path(tempfile.mkdtemp(prefix="stack-", dir=root))
         os.chmod(self.base_dir, 0o755)
+        (self.base_dir / OWNER_FILE).write_text(str(os.getpid()))
         logs = _mkdir(self.base_dir / "logs")
         sockets = _mkdir(self.base_dir / "sockets", 0o755, owner)
 
