@@ -167,6 +167,12 @@ class TierSettings(_Strict):
     PriceSnapshot: TierAges = TierAges()
     PortfolioSnapshot: TierAges = TierAges()
     PositionSnapshot: TierAges = TierAges()
+    # DETACH and the warm rewrite wait at most this long for their lock, then retry (with
+    # backoff) up to lock_attempts times, so they never stall the app's queries queued behind.
+    lock_timeout_ms: int = Field(1000, ge=10, le=600_000)
+    lock_attempts: int = Field(10, ge=1, le=1000)
+    # a second warm/archive/restore run of the same month waits this long for the first
+    lock_wait_s: float = Field(3600.0, ge=0, le=86_400)
 
     @model_validator(mode="after")
     def _portfolio_and_positions_move_together(self) -> "TierSettings":
@@ -176,6 +182,19 @@ class TierSettings(_Strict):
 
     def for_table(self, table: str) -> TierAges:
         return getattr(self, table)
+
+
+class ArchiveSettings(_Strict):
+    """The cold tier's Parquet files and S3 transfers."""
+
+    zstd_level: int = Field(3, ge=1, le=22)
+    row_group_rows: int = Field(131_072, ge=1024, le=10_000_000)
+    export_work_mem_mb: int = Field(64, ge=4, le=8192)  # the export's ORDER BY sort memory
+    replica_catchup_s: float = Field(10.0, ge=0, le=600)  # wait for the analytics replica, else export from the primary
+    multipart_chunk_mb: int = Field(16, ge=5, le=5120)
+    s3_max_attempts: int = Field(5, ge=1, le=20)
+    s3_connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    s3_read_timeout_s: float = Field(60.0, gt=0, le=3600)
 
 
 class PartitionSettings(_Strict):
@@ -268,6 +287,7 @@ class Settings(_Strict):
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERTS
     monitoring: MonitoringSettings = MonitoringSettings()
     tiers: TierSettings = TierSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     partitions: PartitionSettings = PartitionSettings()
     sources: SourceSettings = SourceSettings()
     cache: CacheSettings = CacheSettings()
