@@ -134,16 +134,12 @@ def archived_months(conn: psycopg.Connection, table: p.RangeTable | str) -> set[
     of the table or of any table archived with it (PortfolioSnapshot and PositionSnapshot
     move together). A restored month ('restored') is an ordinary month again."""
     table = _as_table(table)
-    months: set[date] = set()
-    for member in (t for t in p.RANGE_TABLES if t.group == table.group):
-        meta = f"{member.name}_archive_metadata"
-        if not month_ops.relation_exists(conn, meta):
-            continue
-        rows = conn.execute(
-            sql.SQL("SELECT month_year FROM {} WHERE status = 'archived'").format(sql.Identifier(meta))
-        )
-        months.update(p.parse_month(r[0]) for r in rows)
-    return months
+    query = sql.SQL(" UNION ").join(
+        sql.SQL("SELECT month_year FROM {} WHERE status = 'archived'").format(
+            sql.Identifier(f"{member.name}_archive_metadata"))
+        for member in p.RANGE_TABLES if member.group == table.group
+    )
+    return {p.parse_month(r[0]) for r in conn.execute(query)}
 
 
 def default_rows_by_month(
@@ -190,23 +186,34 @@ def _referenced_tables(conn: psycopg.Connection, table: p.RangeTable) -> list[st
     return [r[0] for r in rows]
 
 
+_BLOCKERS = """
+SELECT DISTINCT a.pid, a.state, coalesce(a.application_name, ''),
+       left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 120),
+       coalesce(round(extract(epoch FROM now() - a.xact_start))::int, 0)
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.granted AND l.pid <> pg_backend_pid()
+   AND (l.relation = ANY (SELECT to_regclass(n) FROM unnest(%s::text[]) AS n)
+        OR (l.locktype = 'advisory' AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid))
+ ORDER BY 1
+"""
+
+
+def _table_blockers(conn: psycopg.Connection, table: p.RangeTable) -> str:
+    try:
+        with conn.transaction():
+            relations = [table.name, p.default_name(table), *_referenced_tables(conn, table)]
+    except psycopg.Error as exc:
+        return f"(could not read the catalog: {exc})"
+    return _blockers(conn, relations, table_lock_key(table))
+
+
 def _blockers(conn: psycopg.Connection, relations: Sequence[str], advisory_key: int | None = None) -> str:
-    """Who holds locks on these relations (or the advisory key) right now, for an error message."""
+    """Who holds locks on these relations (or the advisory key) right now, for an error
+    message; read in a transaction (or savepoint) of its own, best effort."""
     keys = (None, None) if advisory_key is None else ((advisory_key >> 32) & 0xFFFFFFFF, advisory_key & 0xFFFFFFFF)
     try:
-        rows = conn.execute(
-            """
-            SELECT DISTINCT a.pid, a.state, coalesce(a.application_name, ''),
-                   left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 120),
-                   coalesce(round(extract(epoch FROM now() - a.xact_start))::int, 0)
-              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.granted AND l.pid <> pg_backend_pid()
-               AND (l.relation = ANY (SELECT to_regclass(n) FROM unnest(%s::text[]) AS n)
-                    OR (l.locktype = 'advisory' AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid))
-             ORDER BY 1
-            """,
-            ([_regclass(conn, r) for r in relations], *keys),
-        ).fetchall()
+        with conn.transaction():
+            rows = conn.execute(_BLOCKERS, ([_regclass(conn, r) for r in relations], *keys)).fetchall()
     except psycopg.Error as exc:  # the evidence is best effort; the original error stays
         return f"(could not read pg_locks: {exc})"
     if not rows:
@@ -217,22 +224,23 @@ def _blockers(conn: psycopg.Connection, relations: Sequence[str], advisory_key: 
 
 # -- locks and transactions ---------------------------------------------------------------
 
-def _set_lock_timeout(conn: psycopg.Connection, ms: float) -> None:
-    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(ms)}ms",))
+def _set_lock_timeout(ms: float) -> sql.Composed:
+    return sql.SQL("SELECT set_config('lock_timeout', {}, true)").format(sql.Literal(f"{int(ms)}ms"))
 
 
-def _lock_for_ddl(conn: psycopg.Connection, table: p.RangeTable, parent_mode: str) -> None:
+def _lock_for_ddl(conn: psycopg.Connection, table: p.RangeTable, referenced: Sequence[str], parent_mode: str) -> None:
     """Every lock the unit needs, up front and in one order: the tables our foreign keys
     reference (creating a child adds triggers there), the parent, then the default
     partition (scanned by CREATE ... PARTITION OF and ATTACH, emptied by a drain). The
     order is the app's own (a token row before its prices; parent before partition)."""
-    referenced = _referenced_tables(conn, table)
+    statements = []
     if referenced:
-        conn.execute(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE").format(
+        statements.append(sql.SQL("LOCK TABLE ONLY {} IN SHARE ROW EXCLUSIVE MODE").format(
             sql.SQL(", ").join(sql.Identifier(t) for t in referenced)))
-    conn.execute(sql.SQL("LOCK TABLE ONLY {} IN {} MODE").format(sql.Identifier(table.name), sql.SQL(parent_mode)))
-    conn.execute(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(
+    statements.append(sql.SQL("LOCK TABLE ONLY {} IN {} MODE").format(sql.Identifier(table.name), sql.SQL(parent_mode)))
+    statements.append(sql.SQL("LOCK TABLE ONLY {} IN ACCESS EXCLUSIVE MODE").format(
         sql.Identifier(p.default_name(table))))
+    conn.execute(sql.SQL("; ").join(statements))
 
 
 def _check_usable(conn: psycopg.Connection) -> bool:
@@ -312,10 +320,11 @@ def ensure_months(
     _check_usable(conn)
     with conn.transaction():
         with_rows = set(default_rows_by_month(conn, table, wanted[0], p.add_months(wanted[-1], 1)))
+        referenced = _referenced_tables(conn, table)
     outcomes: list[MonthOutcome] = []
     for unit in _units(wanted, with_rows, policy.months_per_transaction):
         try:
-            outcomes.extend(_run_unit(conn, table, unit, allow_archived, policy))
+            outcomes.extend(_run_unit(conn, table, unit, allow_archived, policy, referenced))
         except ProvisioningError as exc:
             failed = [MonthOutcome(table.name, m, "failed", detail=str(exc)) for m in unit]
             if raise_on_failure:
@@ -345,7 +354,8 @@ def _units(months: list[date], with_rows: set[date], per_transaction: int) -> li
 
 
 def _run_unit(
-    conn: psycopg.Connection, table: p.RangeTable, months: list[date], allow_archived: bool, policy: LockPolicy
+    conn: psycopg.Connection, table: p.RangeTable, months: list[date], allow_archived: bool, policy: LockPolicy,
+    referenced: Sequence[str],
 ) -> list[MonthOutcome]:
     span = p.month_year(months[0]) if len(months) == 1 else f"{p.month_year(months[0])}..{p.month_year(months[-1])}"
     attempt = 0
@@ -355,17 +365,16 @@ def _run_unit(
         previous_timeout = conn.execute("SELECT current_setting('lock_timeout')").fetchone()[0] if in_caller_tx else None
         try:
             with conn.transaction():
-                outcomes = _unit(conn, table, months, allow_archived, policy, attempt)
+                outcomes = _unit(conn, table, months, allow_archived, policy, referenced, attempt)
                 if previous_timeout is not None:
                     conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous_timeout,))
                 return outcomes
         except _RETRYABLE as exc:
             if attempt > policy.retries:
-                relations = [table.name, p.default_name(table), *_referenced_tables(conn, table)]
                 raise ProvisioningError(
                     f"{table.name} {span}: gave up after {attempt} attempts "
                     f"(lock_timeout {policy.lock_timeout_ms} ms): {str(exc).strip()}; "
-                    f"held by: {_blockers(conn, relations, table_lock_key(table))}"
+                    f"held by: {_table_blockers(conn, table)}"
                 ) from exc
             time.sleep(policy.backoff(attempt))
         except ProvisioningError:
@@ -379,13 +388,15 @@ def _run_unit(
 
 def _unit(
     conn: psycopg.Connection, table: p.RangeTable, months: list[date], allow_archived: bool,
-    policy: LockPolicy, attempt: int,
+    policy: LockPolicy, referenced: Sequence[str], attempt: int,
 ) -> list[MonthOutcome]:
     """One unit of work, inside a transaction (or savepoint): read the state under the
     table's advisory lock, then lock and act only if something is to be done."""
-    _set_lock_timeout(conn, policy.advisory_wait_s * 1000)
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (table_lock_key(table),))
-    _set_lock_timeout(conn, policy.lock_timeout_ms)
+    conn.execute(sql.SQL("; ").join([
+        _set_lock_timeout(policy.advisory_wait_s * 1000),
+        sql.SQL("SELECT pg_advisory_xact_lock({})").format(sql.Literal(table_lock_key(table))),
+        _set_lock_timeout(policy.lock_timeout_ms),
+    ]))
 
     start, end = months[0], p.add_months(months[-1], 1)
     attached = set(month_ops.attached_months(conn, table))
@@ -420,7 +431,7 @@ def _unit(
     # CREATE ... PARTITION OF needs ACCESS EXCLUSIVE on the parent; moving rows in uses
     # ATTACH, for which SHARE UPDATE EXCLUSIVE (not blocking readers or writers) is enough.
     creates_empty = any(m not in attached and not rows.get(m) for m in todo)
-    _lock_for_ddl(conn, table, "ACCESS EXCLUSIVE" if creates_empty else "SHARE UPDATE EXCLUSIVE")
+    _lock_for_ddl(conn, table, referenced, "ACCESS EXCLUSIVE" if creates_empty else "SHARE UPDATE EXCLUSIVE")
     rows = default_rows_by_month(conn, table, start, end)  # stable now: nobody can write the default
     for month in todo:
         waiting = rows.get(month, 0)
@@ -570,7 +581,8 @@ class HorizonReport:
 
     @property
     def problems(self) -> list[str]:
-        found = [f"{o.table} {p.month_year(o.month)}: {o.detail}" for t in self.tables.values() for o in t.failed]
+        # a failed unit's details name its table and months; a unit of several months fails once
+        found = list(dict.fromkeys(o.detail for t in self.tables.values() for o in t.failed))
         return found + list(self.token_balance.problems)
 
     @property
@@ -689,7 +701,7 @@ def verify_hash_partitions(
             for attempt in range(policy.retries + 1):
                 try:
                     with conn.transaction():
-                        _set_lock_timeout(conn, policy.lock_timeout_ms)
+                        conn.execute(_set_lock_timeout(policy.lock_timeout_ms))
                         if _existing_relations(conn, [name]):
                             problems.append(f"{table.name}: no partition for remainder {remainder}, and {name} "
                                             "exists unattached: attach or rename it by hand")

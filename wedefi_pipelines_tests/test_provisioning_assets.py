@@ -19,7 +19,7 @@ from wedefi_pipelines.defs.provisioning.schedules import (
 )
 from wedefi_pipelines.defs.time_partitions import monthly_partitions
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines_tests.test_provisioning import catalog, insert_prices, seed_reference
+from wedefi_pipelines_tests.test_provisioning import archive, catalog, insert_prices, seed_reference
 
 RESOURCES = {"database": DatabaseResource()}
 TABLES = [t.name for t in p.RANGE_TABLES]
@@ -94,8 +94,7 @@ def test_a_backfill_of_a_month_range_creates_exactly_those_months_in_one_run(db_
     with db_env.connect() as conn:
         seed_reference(conn)
         insert_prices(conn, "2024-12-24 18:00")  # waits in the default until its month is made
-        conn.execute("""INSERT INTO "PositionSnapshot_archive_metadata"
-                        (month_year, record_count, file_path, compressed_size) VALUES ('2024-12', 5, 's3://b/p', 9)""")
+        archive(conn, "PositionSnapshot", "2024-12")
     result = dg.materialize([table_partitions], resources=RESOURCES, tags={
         "dagster/asset_partition_range_start": "2024-11-01",
         "dagster/asset_partition_range_end": "2025-02-01",

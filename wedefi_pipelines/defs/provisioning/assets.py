@@ -64,8 +64,7 @@ def table_partitions(context: dg.AssetExecutionContext, database: DatabaseResour
         outcomes = provisioning.provision_months(conn, months)
     metadata = {"months": dg.MetadataValue.text(f"{p.month_year(months[0])}..{p.month_year(months[-1])}"),
                 **_outcome_metadata(outcomes)}
-    failed = [f"{o.table} {p.month_year(o.month)}: {o.detail}" for r in outcomes.values() for o in r
-              if o.action == "failed"]
+    failed = list(dict.fromkeys(o.detail for r in outcomes.values() for o in r if o.action == "failed"))
     if failed:
         raise dg.Failure(description="some months could not be provisioned:\n" + "\n".join(failed), metadata=metadata)
     context.log.info("months %s..%s: %s created", months[0], months[-1], metadata["months_created"].value)
