@@ -15,8 +15,8 @@ from wedefi_pipelines.cache import contract as c
 from wedefi_pipelines.cache import queries as q
 from wedefi_pipelines.cache.invalidation import invalidate_wallets
 from wedefi_pipelines.cache.manager import CacheManager, DataUnavailable
-from wedefi_pipelines.cache.refresh import refresh_cache
-from wedefi_pipelines.cache.store import CacheStore, CacheUnavailable
+from wedefi_pipelines.cache.refresh import keep_refreshing, refresh_cache
+from wedefi_pipelines.cache.store import CacheStore, CacheUnavailable, count_keys
 from wedefi_pipelines.defs.cache import redis_cache
 from wedefi_pipelines.resources.cache import CacheResource, connect_redis
 from wedefi_pipelines.resources.database import DatabaseResource
@@ -583,3 +583,23 @@ def test_a_manager_built_from_the_environment_reads_the_database_alone_without_r
     with CacheManager.from_env(env, settings=make_settings()) as manager:
         assert manager.store is None
         assert [manager.get_latest_price("tok-eth").source for _ in range(2)] == ["database", "database"]
+
+
+def test_keep_refreshing_survives_a_redis_outage_and_stops_when_asked(db, seeded, client, redis_server):
+    """What `demo --keep` runs so its keys outlive their TTLs."""
+    stop, outcomes = threading.Event(), []
+
+    def after_each(outcome):
+        outcomes.append(outcome)
+        if len(outcomes) == 1:
+            redis_server.stop()
+        elif len(outcomes) == 2:
+            redis_server.start()
+        else:
+            stop.set()
+
+    with db.database(make_settings()) as database:
+        runs = keep_refreshing(database, client, 0, stop, make_settings(), on_refresh=after_each)
+    assert runs == 3
+    assert [type(o).__name__ for o in outcomes] == ["RefreshReport", "CacheUnavailable", "RefreshReport"]
+    assert count_keys(client) == {"price": 4, "portfolio": 3, "governance": 3}

@@ -95,8 +95,9 @@ def test_values_outside_the_contract_are_rejected_with_the_reason(raw, message):
 
 def test_comparing_first_pays_off_only_for_values_larger_than_the_question():
     assert worth_comparing(4000, 1.0)  # a portfolio summary, unchanged last time
-    assert worth_comparing(4000, 0.05)  # even when few were unchanged: 200 bytes saved per key
-    assert not worth_comparing(4000, 0.0)  # nothing unchanged last batch: write directly
+    assert worth_comparing(4000, 0.0)  # one batch of changed neighbours does not stop large values
+    assert worth_comparing(200, 0.9)  # a price, mostly unchanged: 180 bytes saved per key
+    assert not worth_comparing(200, 0.3)  # a price, mostly changed: write directly
     assert not worth_comparing(TOUCH_COST_BYTES, 1.0)  # a small value costs what asking costs
 
 

@@ -60,17 +60,29 @@ def latest_prices(conn: psycopg.Connection, since: datetime, token_ids: Sequence
     return {tid: c.price_data(tid, price, source, at) for tid, price, source, at in rows}
 
 
+# One pass over the chunk's balances (every hash partition visited once, not once per
+# wallet): window functions give each wallet's total and count on every row and rank its
+# balances by value, so positives come first; the lateral picks each wallet's newest
+# snapshot inside the window through the per-child ("walletId", "capturedAt") index.
 PORTFOLIO_SUMMARIES = """
+WITH bal AS (
+    SELECT b."walletId", b."tokenId", b.quantity, b."rawBalance", b."usdValue",
+           sum(b."usdValue") OVER per_wallet AS total,
+           count(*) OVER per_wallet AS n,
+           row_number() OVER (PARTITION BY b."walletId" ORDER BY b."usdValue" DESC NULLS LAST, b."tokenId") AS rn
+      FROM "TokenBalance" b
+     WHERE b."walletId" = ANY(%(ids)s)
+    WINDOW per_wallet AS (PARTITION BY b."walletId")
+)
 SELECT w.id, w.address, w.label, w."chainId", ch.name,
-       tot.total, tot.n,
+       trim_scale(coalesce(bal.total, 0))::text, coalesce(bal.n, 0),
        snap."capturedAt", snap.total, snap.d24h, snap.d7d, snap.d30d,
-       h."tokenId", h.symbol, h.name, h.decimals, h."isNative", h.quantity, h."rawBalance", h.usd
+       bal."usdValue" > 0, bal."tokenId", t.symbol, t.name, t.decimals, t."isNative",
+       trim_scale(bal.quantity)::text, bal."rawBalance", trim_scale(bal."usdValue")::text
   FROM "Wallet" w
   JOIN "Chain" ch ON ch.id = w."chainId"
- CROSS JOIN LATERAL (
-        SELECT trim_scale(coalesce(sum(b."usdValue"), 0))::text AS total, count(*) AS n
-          FROM "TokenBalance" b
-         WHERE b."walletId" = w.id) tot
+  LEFT JOIN bal ON bal."walletId" = w.id AND bal.rn <= %(top)s
+  LEFT JOIN "Token" t ON t.id = bal."tokenId"
   LEFT JOIN LATERAL (
         SELECT s."capturedAt",
                trim_scale(s."totalUsdValue")::text AS total,
@@ -81,17 +93,8 @@ SELECT w.id, w.address, w.label, w."chainId", ch.name,
          WHERE s."walletId" = w.id AND s."capturedAt" >= %(since)s
          ORDER BY s."capturedAt" DESC
          LIMIT 1) snap ON true
-  LEFT JOIN LATERAL (
-        SELECT b."tokenId", t.symbol, t.name, t.decimals, t."isNative",
-               trim_scale(b.quantity)::text AS quantity, b."rawBalance",
-               trim_scale(b."usdValue")::text AS usd, b."usdValue" AS sort_value
-          FROM "TokenBalance" b
-          JOIN "Token" t ON t.id = b."tokenId"
-         WHERE b."walletId" = w.id AND b."usdValue" > 0
-         ORDER BY b."usdValue" DESC, b."tokenId"
-         LIMIT %(top)s) h ON true
  WHERE w.id = ANY(%(ids)s)
- ORDER BY w.id, h.sort_value DESC, h."tokenId"
+ ORDER BY w.id, bal.rn
 """
 
 
@@ -104,17 +107,18 @@ def portfolio_summaries(
     out: dict[str, dict] = {}
     holdings: list[dict] = []
     current = None
-    for row in conn.execute(PORTFOLIO_SUMMARIES, {"ids": list(wallet_ids), "since": since, "top": top}):
+    rows = conn.execute(PORTFOLIO_SUMMARIES, {"ids": list(wallet_ids), "since": since, "top": top}).fetchall()
+    for row in rows:
         (wid, address, label, chain_id, chain_name, total, count,
          captured_at, snap_total, d24h, d7d, d30d,
-         token_id, symbol, name, decimals, is_native, quantity, raw, usd) = row
+         holding, token_id, symbol, name, decimals, is_native, quantity, raw, usd) = row
         if wid != current:
             current, holdings = wid, []
             snapshot = None if captured_at is None else c.snapshot_data(captured_at, snap_total, d24h, d7d, d30d)
             out[wid] = c.portfolio_data(
                 c.wallet_data(wid, address, label, chain_id, chain_name), total, count, holdings, snapshot,
             )
-        if token_id is not None:
+        if holding:
             holdings.append(c.holding_data(token_id, symbol, name, decimals, is_native, quantity, raw, usd))
     return out
 

@@ -11,6 +11,7 @@ skips values whose data did not change when comparing is cheaper than resending
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -175,3 +176,29 @@ def _refresh_wallets(database: Database, writers: dict[str, _Writer], wallet_fam
         after = ids[-1]
     for name in wallet_families:
         writers[name].flush()
+
+
+def keep_refreshing(
+    database: Database, client: redis.Redis, interval_s: float, stop: threading.Event,
+    settings: Settings | None = None, logger: logging.Logger | None = None,
+    on_refresh: Callable[[RefreshReport | Exception], None] | None = None,
+) -> int:
+    """Refresh every `interval_s` until `stop` is set; returns how many refreshes ran.
+
+    For a process that keeps the embedded stack up (`demo --keep`): without it the keys
+    expire 60-1800 s after the demo's refresh. In a deployment the `redis_cache_automation`
+    sensor does this job. A failed refresh is logged and retried at the next interval.
+    """
+    logger = logger or log
+    runs = 0
+    while not stop.is_set():
+        try:
+            outcome: RefreshReport | Exception = refresh_cache(database, client, settings, logger=logger)
+        except Exception as exc:  # Redis or the database down: keep trying, like the sensor would
+            logger.warning("cache refresh failed: %s", exc)
+            outcome = exc
+        runs += 1
+        if on_refresh is not None:
+            on_refresh(outcome)
+        stop.wait(interval_s)
+    return runs

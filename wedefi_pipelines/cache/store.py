@@ -22,7 +22,7 @@ from typing import Sequence
 
 import redis
 
-from wedefi_pipelines.cache.contract import Encoded
+from wedefi_pipelines.cache.contract import FAMILIES, Encoded
 
 # Bytes a compare-first call costs on the wire (script sha, key, fingerprint, time, ttl):
 # comparing pays off when the bytes of unchanged values it avoids resending exceed this.
@@ -51,9 +51,15 @@ return 1
 """
 
 
+# The unchanged ratio a batch is expected to have, at the least: one batch where every
+# value changed (wallets changed together are often neighbours in id order) must not stop
+# the rest of the run from comparing values that are many times larger than the question.
+MIN_EXPECTED_UNCHANGED = 0.25
+
+
 def worth_comparing(mean_value_bytes: float, unchanged_ratio: float) -> bool:
     """Compare first when resending unchanged values would cost more than asking about each key."""
-    return mean_value_bytes * unchanged_ratio > TOUCH_COST_BYTES
+    return mean_value_bytes * max(unchanged_ratio, MIN_EXPECTED_UNCHANGED) > TOUCH_COST_BYTES
 
 
 @dataclass
@@ -132,3 +138,8 @@ def describe(client: redis.Redis) -> str:
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+
+def count_keys(client: redis.Redis) -> dict[str, int]:
+    """Keys per family (SCAN, so it never blocks Redis the way KEYS would)."""
+    return {name: sum(1 for _ in client.scan_iter(match=fam.pattern, count=1000)) for name, fam in FAMILIES.items()}

@@ -39,7 +39,7 @@ def redis_cache(context: dg.AssetExecutionContext, database: DatabaseResource, c
     try:
         report = refresh_cache(database.db, cache.client(), logger=context.log)
     except CacheUnavailable as exc:
-        raise dg.Failure(description=str(exc), metadata={"redis_url_env": "REDIS_URL"}) from exc
+        raise dg.Failure(description=str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise dg.Failure(description=f"the cache refresh cannot read the database: {exc}") from exc
     return dg.MaterializeResult(metadata=report.metadata())
