@@ -31,6 +31,7 @@ from wedefi_pipelines import devstack
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.cache import contract as c
 from wedefi_pipelines.cache import queries as q
+from wedefi_pipelines.cache.invalidation import invalidate_wallets
 from wedefi_pipelines.cache.manager import CacheManager
 from wedefi_pipelines.cache.refresh import WALLET_WORKLOAD, refresh_cache
 from wedefi_pipelines.cache.store import count_keys
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             tenth = refresh_cache(database, client, settings)
 
             counts = count_keys(client)
+            t0 = time.perf_counter()
+            invalidated = invalidate_wallets(client, database, [f"w-{w:07d}" for w in range(args.wallets)],
+                                             families=["portfolio"])
+            invalidation_s = time.perf_counter() - t0
             sample = client.get(c.PORTFOLIO.key("w-0000000"))
 
             wallet_ids = [f"w-{w:07d}" for w in range(args.wallets)]
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{tenth.seconds / cold.seconds:.2f}x)")
     for name in c.FAMILIES:
         print("  " + family_line(name, tenth))
+    print(f"invalidation of every wallet's portfolio key from the primary (a balance sync that changed them all): "
+          f"{invalidation_s:.2f}s, {invalidated['portfolio_written']} written "
+          f"(ratio to the full refresh: {invalidation_s / cold.seconds:.2f}x)")
     print(f"keys in Redis: {counts}")
     print(f"sample {c.PORTFOLIO.key('w-0000000')}: {len(sample)} bytes, {sample[:160].decode()}...")
     cm, cp = median_p95(cached)

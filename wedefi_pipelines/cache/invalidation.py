@@ -23,7 +23,7 @@ import redis
 
 from wedefi_pipelines.cache import contract as c
 from wedefi_pipelines.cache import queries as q
-from wedefi_pipelines.cache.refresh import utc_now
+from wedefi_pipelines.cache.refresh import read_time
 from wedefi_pipelines.cache.store import CacheStore, CacheUnavailable, describe
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.settings import Settings
@@ -107,7 +107,7 @@ def _read(db: Database, ids: list[str], chosen: Sequence[c.Family], cfg) -> dict
     out: dict[str, tuple[str, dict]] = {}
     since = q.window_start(cfg.lookback_days)
     for fam in chosen:
-        at = c.iso_utc(utc_now())
+        at = c.iso_utc(read_time(db, INVALIDATION_WORKLOAD)[0])
         by_wallet: dict[str, dict] = {}
         with db.connection(INVALIDATION_WORKLOAD) as conn:
             for start in range(0, len(ids), cfg.pipeline_batch):

@@ -41,7 +41,7 @@ import redis
 
 from wedefi_pipelines.cache import contract as c
 from wedefi_pipelines.cache import queries as q
-from wedefi_pipelines.cache.refresh import PRICE_WORKLOAD, WALLET_WORKLOAD, utc_now
+from wedefi_pipelines.cache.refresh import PRICE_WORKLOAD, WALLET_WORKLOAD, read_time
 from wedefi_pipelines.cache.store import CacheStore
 from wedefi_pipelines.resources.cache import optional_redis
 from wedefi_pipelines.resources.database import Database
@@ -171,7 +171,11 @@ class ManagerStats:
 
 
 class CacheManager:
-    """Read-through access to the cache contract's values, for the API side."""
+    """Read-through access to the cache contract's values, for the API side.
+
+    Thread-safe; one per process. It owns the database and Redis client it is given:
+    `close()` closes both.
+    """
 
     def __init__(self, database: Database, client: redis.Redis | None, settings: Settings | None = None,
                  logger: logging.Logger | None = None) -> None:
@@ -330,10 +334,8 @@ class CacheManager:
                 return None, None
 
     def _load_and_store(self, fam: c.Family, ids: list[str]) -> dict[str, CachedValue]:
-        computed_at = utc_now()
-        at = c.iso_utc(computed_at)
         workload = PRICE_WORKLOAD if fam is c.PRICE else WALLET_WORKLOAD
-        values = self._query(fam.name, workload, lambda conn: self._loader(fam, conn, ids))
+        values, at = self._query(fam.name, workload, lambda conn: self._loader(fam, conn, ids), stamped=True)
         entries = [c.encode(fam.key(i), data, at) for i, data in values.items()]
         if entries and self._redis_usable():
             try:
@@ -352,7 +354,8 @@ class CacheManager:
             return q.portfolio_summaries(conn, ids, since, self.cfg.top_holdings)
         return q.governance_locks(conn, ids)
 
-    def _query(self, label: str, workload: str, fn: Callable[[psycopg.Connection], Any]) -> Any:
+    def _query(self, label: str, workload: str, fn: Callable[[psycopg.Connection], Any], stamped: bool = False) -> Any:
+        """fn's result on a routed connection (and, `stamped`, the computedAt of what it read)."""
         if not self.db_outage.should_try():
             raise DataUnavailable(f"not cached, and the database is unavailable (down for "
                                   f"{time.monotonic() - self.db_outage.down_since:.1f}s; retried every "
@@ -360,6 +363,7 @@ class CacheManager:
         with self._stats_lock:
             self.stats.queries[label] += 1
         try:
+            computed_at, _ = read_time(self.db, workload)
             with self.db.connection(workload) as conn:
                 result = fn(conn)
         except _DB_ERRORS as exc:
@@ -368,7 +372,7 @@ class CacheManager:
             self.db_outage.failed(exc, "serving cached values only")
             raise DataUnavailable(f"not cached, and the database cannot be read: {exc}") from exc
         self.db_outage.succeeded()
-        return result
+        return (result, c.iso_utc(computed_at)) if stamped else result
 
     # -- Redis ----------------------------------------------------------------------------------
     def _read(self, key: str) -> CachedValue | None:

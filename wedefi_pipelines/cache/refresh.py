@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Sequence
 
 import redis
@@ -34,6 +34,23 @@ WALLET_WORKLOAD = "portfolio_queries"
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def read_time(database: Database, workload: str) -> tuple[datetime, str]:
+    """The `computedAt` of a read about to run for `workload`, and why it goes where it goes.
+
+    On the primary, now. On a replica, now minus the lag it may have before reads leave
+    it (`lag_threshold`): what it serves may be that old, and so a value read there
+    never outranks one read from the primary after a commit the replica may not have
+    replayed yet (the newest-wins rule of CacheStore).
+    """
+    route = database.route(workload)
+    now = utc_now()
+    if route.server == "primary":
+        return now, route.reason
+    replicas = database.settings.database
+    threshold_ms = (replicas.read_replica if route.server == "read" else replicas.analytics_replica).lag_threshold
+    return now - timedelta(milliseconds=threshold_ms), route.reason
 
 
 @dataclass
@@ -133,8 +150,8 @@ def refresh_cache(
     started = time.perf_counter()
     try:
         if "price" in writers:
-            report.read_from[PRICE_WORKLOAD] = database.route(PRICE_WORKLOAD).reason
-            at = c.iso_utc(utc_now())
+            computed_at, report.read_from[PRICE_WORKLOAD] = read_time(database, PRICE_WORKLOAD)
+            at = c.iso_utc(computed_at)
             with database.connection(PRICE_WORKLOAD) as conn:
                 prices = q.latest_prices(conn, since)
             for token_id, data in prices.items():
@@ -142,8 +159,8 @@ def refresh_cache(
             writers["price"].flush()
         wallet_families = [f for f in c.WALLET_FAMILIES if f in writers]
         if wallet_families:
-            report.read_from[WALLET_WORKLOAD] = database.route(WALLET_WORKLOAD).reason
-            _refresh_wallets(database, writers, wallet_families, since, cfg.top_holdings, cfg.pipeline_batch)
+            _refresh_wallets(database, writers, wallet_families, since, cfg.top_holdings, cfg.pipeline_batch,
+                             report.read_from)
     except redis.RedisError as exc:
         done = ", ".join(f"{n}: {f.writes.written + f.writes.unchanged}" for n, f in report.families.items())
         raise CacheUnavailable(
@@ -157,10 +174,11 @@ def refresh_cache(
 
 
 def _refresh_wallets(database: Database, writers: dict[str, _Writer], wallet_families: Sequence[str],
-                     since: datetime, top: int, chunk: int) -> None:
+                     since: datetime, top: int, chunk: int, read_from: dict[str, str]) -> None:
     after = None
     while True:
-        at = c.iso_utc(utc_now())
+        computed_at, read_from[WALLET_WORKLOAD] = read_time(database, WALLET_WORKLOAD)
+        at = c.iso_utc(computed_at)
         with database.connection(WALLET_WORKLOAD) as conn:
             ids = q.wallet_ids_after(conn, after, chunk)
             if not ids:

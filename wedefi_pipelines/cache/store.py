@@ -67,7 +67,6 @@ class WriteCounts:
     written: int = 0      # value sent and stored
     unchanged: int = 0    # same data already cached: TTL renewed, value not resent
     kept_newer: int = 0   # a value computed later was already there: left alone
-    deleted: int = 0
     compared: int = 0     # keys that went through the compare-first pass
 
     def add(self, other: "WriteCounts") -> None:
