@@ -160,6 +160,27 @@ def default_rows_by_month(
     return {m: n for m, n in conn.execute(query, params)}
 
 
+def months_with_default_rows(
+    conn: psycopg.Connection, table: p.RangeTable | str, start: date, end: date
+) -> list[date]:
+    """The months of [start, end) that have rows in the default partition, found by a
+    loose scan of the default's time index (one probe per month found), not by reading
+    its rows: cheap even when an outage left millions of rows there."""
+    table = _as_table(table)
+    query = sql.SQL("""
+        WITH RECURSIVE found(month) AS (
+            SELECT date_trunc('month', min({col})) FROM {default} WHERE {col} >= %(start)s AND {col} < %(end)s
+            UNION ALL
+            SELECT (SELECT date_trunc('month', min({col})) FROM {default}
+                     WHERE {col} >= found.month + interval '1 month' AND {col} < %(end)s)
+              FROM found WHERE found.month IS NOT NULL
+        )
+        SELECT month::date FROM found WHERE month IS NOT NULL""").format(
+        col=sql.Identifier(table.time_column), default=sql.Identifier(p.default_name(table)))
+    bounds = {"start": p.month_bounds(start)[0], "end": p.month_bounds(end)[0]}
+    return [r[0] for r in conn.execute(query, bounds)]
+
+
 def has_default_partition(conn: psycopg.Connection, table: p.RangeTable | str) -> bool:
     table = _as_table(table)
     row = conn.execute(
@@ -319,7 +340,7 @@ def ensure_months(
         return []
     _check_usable(conn)
     with conn.transaction():
-        with_rows = set(default_rows_by_month(conn, table, wanted[0], p.add_months(wanted[-1], 1)))
+        with_rows = set(months_with_default_rows(conn, table, wanted[0], p.add_months(wanted[-1], 1)))
         referenced = _referenced_tables(conn, table)
     outcomes: list[MonthOutcome] = []
     for unit in _units(wanted, with_rows, policy.months_per_transaction):
@@ -402,19 +423,21 @@ def _unit(
     attached = set(month_ops.attached_months(conn, table))
     archived = archived_months(conn, table)
     existing = _existing_relations(conn, [p.child_name(table, m) for m in months])
-    rows = default_rows_by_month(conn, table, start, end)
+    with_rows = set(months_with_default_rows(conn, table, start, end))
 
     done: dict[date, MonthOutcome] = {}
     todo: list[date] = []
     for month in months:
-        waiting = rows.get(month, 0)
         if month in attached:
-            if waiting:
+            if month in with_rows:
                 todo.append(month)
             else:
                 done[month] = MonthOutcome(table.name, month, "exists", attempts=attempt)
         elif month in archived and not allow_archived:
-            note = f"; {waiting} late row(s) wait in {p.default_name(table)} for the cold archive" if waiting else ""
+            note = ""
+            if month in with_rows:
+                waiting = default_rows_by_month(conn, table, month, p.add_months(month, 1)).get(month, 0)
+                note = f"; {waiting} late row(s) wait in {p.default_name(table)} for the cold archive"
             done[month] = MonthOutcome(table.name, month, "archived", attempts=attempt,
                                        detail=f"archived to the cold tier: only a restore recreates it{note}")
         elif p.child_name(table, month) in existing:
@@ -430,12 +453,14 @@ def _unit(
 
     # CREATE ... PARTITION OF needs ACCESS EXCLUSIVE on the parent; moving rows in uses
     # ATTACH, for which SHARE UPDATE EXCLUSIVE (not blocking readers or writers) is enough.
-    creates_empty = any(m not in attached and not rows.get(m) for m in todo)
+    creates_empty = any(m not in attached and m not in with_rows for m in todo)
     _lock_for_ddl(conn, table, referenced, "ACCESS EXCLUSIVE" if creates_empty else "SHARE UPDATE EXCLUSIVE")
     rows = default_rows_by_month(conn, table, start, end)  # stable now: nobody can write the default
     for month in todo:
         waiting = rows.get(month, 0)
-        if month in attached:
+        if month in attached and not waiting:
+            done[month] = MonthOutcome(table.name, month, "exists", attempts=attempt)
+        elif month in attached:
             moved = _move_into(conn, table, month, p.child_name(table, month), waiting)
             done[month] = MonthOutcome(
                 table.name, month, "exists", moved=moved, attempts=attempt,

@@ -368,6 +368,11 @@ def test_checks_inspection_sees_gaps_missing_horizon_and_default_rows(db):
         table = pv.inspect_table(conn, "PriceSnapshot")
         assert table.has_default and table.attached == (date(2025, 1, 1), date(2025, 3, 1))
         assert table.default_rows == {date(2024, 6, 1): 1, date(2025, 2, 1): 2}
+        assert pv.months_with_default_rows(conn, "PriceSnapshot", date(2020, 1, 1), date(2030, 1, 1)) == [
+            date(2024, 6, 1), date(2025, 2, 1)]
+        assert pv.months_with_default_rows(conn, "PriceSnapshot", date(2025, 2, 1), date(2025, 3, 1)) == [
+            date(2025, 2, 1)]
+        assert pv.months_with_default_rows(conn, "PriceSnapshot", date(2024, 7, 1), date(2025, 2, 1)) == []
         assert pv.gap_months(table.covered) == [date(2025, 2, 1)]
         assert pv.missing_horizon_months(table.covered, date(2025, 3, 1), 1) == [date(2025, 4, 1)]
         conn.execute('DROP TABLE "PositionSnapshot_default"')
