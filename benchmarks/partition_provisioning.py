@@ -16,8 +16,8 @@ affects them alike):
       1.7x. Also shown: a bare table + ATTACH for every empty month, the path we did not
       take for empty months.
   (b) draining `--rows` "PriceSnapshot" rows spread over 3 months out of the default
-      partition with `provisioning.ensure_months` (per month: bare table, rows moved with
-      DELETE ... RETURNING, indexes built, ATTACH, one transaction) against a plain
+      partition with `provisioning.ensure_months` (per month: bare table, rows copied in
+      and deleted from the default, indexes built, ATTACH, one transaction) against a plain
       `INSERT ... SELECT` of the same rows into a standalone table that already has the
       indexes of a monthly child. Goal <= 0.5x; pg_partman 4.7's partition_data_proc
       measured 2.0x.

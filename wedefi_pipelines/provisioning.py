@@ -5,8 +5,8 @@ default rows for the asset checks.
 Where pg_partman's users get hurt, and what this module does instead:
 
 * Data stuck in the default partition. A month with rows in the default is created as a
-  bare table, the rows are moved into it (DELETE ... RETURNING into INSERT, one
-  statement), its indexes are built, and it is ATTACHed, all in one transaction per
+  bare table, the rows are copied into it and deleted from the default (the two counts
+  must agree), its indexes are built, and it is ATTACHed, all in one transaction per
   month: the rows are either in the default or in the new child, never in both or neither.
 * Gaps after an outage. The horizon fills every missing month between the oldest child
   and the newest month it needs (archived months count as covered), and never creates
@@ -398,9 +398,7 @@ def _run_unit(
                     f"held by: {_table_blockers(conn, table)}"
                 ) from exc
             time.sleep(policy.backoff(attempt))
-        except ProvisioningError:
-            raise
-        except psycopg.Error as exc:
+        except (psycopg.Error, month_ops.MoveError) as exc:
             raise ProvisioningError(
                 f"{table.name} {span}: {type(exc).__name__}: {str(exc).strip()} "
                 f"(rolled back: rows waiting in {p.default_name(table)} stay there)"
@@ -455,37 +453,25 @@ def _unit(
     # ATTACH, for which SHARE UPDATE EXCLUSIVE (not blocking readers or writers) is enough.
     creates_empty = any(m not in attached and m not in with_rows for m in todo)
     _lock_for_ddl(conn, table, referenced, "ACCESS EXCLUSIVE" if creates_empty else "SHARE UPDATE EXCLUSIVE")
-    rows = default_rows_by_month(conn, table, start, end)  # stable now: nobody can write the default
+    with_rows = set(months_with_default_rows(conn, table, start, end))  # stable now: nobody writes the default
     for month in todo:
-        waiting = rows.get(month, 0)
+        waiting = month in with_rows
         if month in attached and not waiting:
             done[month] = MonthOutcome(table.name, month, "exists", attempts=attempt)
         elif month in attached:
-            moved = _move_into(conn, table, month, p.child_name(table, month), waiting)
+            moved = month_ops.move_from_default(conn, table, month, p.child_name(table, month))
             done[month] = MonthOutcome(
                 table.name, month, "exists", moved=moved, attempts=attempt,
                 detail=f"{moved} row(s) were in {p.default_name(table)} although the child existed: moved in",
             )
         elif waiting or not creates_empty:
             with month_ops.staged_month(conn, table, month) as child:
-                moved = _move_into(conn, table, month, child, waiting) if waiting else 0
+                moved = month_ops.move_from_default(conn, table, month, child) if waiting else 0
             done[month] = MonthOutcome(table.name, month, "created", moved=moved, attempts=attempt)
         else:
             conn.execute(sql.SQL(";\n").join(p.create_child_sql(table, month)))
             done[month] = MonthOutcome(table.name, month, "created", attempts=attempt)
     return [done[m] for m in months]
-
-
-def _move_into(conn: psycopg.Connection, table: p.RangeTable, month: date, target: str, expected: int) -> int:
-    """Move the month's default rows into `target`; the count must match what was counted
-    under the same lock, or the transaction is rolled back and nothing moves."""
-    moved = month_ops.move_from_default(conn, table, month, target)
-    if moved != expected:
-        raise ProvisioningError(
-            f"{table.name} {p.month_year(month)}: moved {moved} row(s) from {p.default_name(table)} "
-            f"but counted {expected} under the same lock: rolled back"
-        )
-    return moved
 
 
 # -- the horizon --------------------------------------------------------------------------
