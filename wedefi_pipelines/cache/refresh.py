@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import redis
 
@@ -175,25 +176,48 @@ def refresh_cache(
 
 def _refresh_wallets(database: Database, writers: dict[str, _Writer], wallet_families: Sequence[str],
                      since: datetime, top: int, chunk: int, read_from: dict[str, str]) -> None:
+    for at, values in _prefetched(_wallet_chunks(database, wallet_families, since, top, chunk, read_from)):
+        for name, by_wallet in values.items():
+            for wallet_id, data in by_wallet.items():
+                writers[name].add(wallet_id, data, at)
+    for name in wallet_families:
+        writers[name].flush()
+
+
+def _wallet_chunks(database: Database, wallet_families: Sequence[str], since: datetime, top: int, chunk: int,
+                   read_from: dict[str, str]) -> Iterator[tuple[str, dict[str, dict[str, dict]]]]:
+    """(computedAt, values by family) per keyset chunk of wallets, each chunk its own routed read."""
     after = None
     while True:
         computed_at, read_from[WALLET_WORKLOAD] = read_time(database, WALLET_WORKLOAD)
-        at = c.iso_utc(computed_at)
         with database.connection(WALLET_WORKLOAD) as conn:
             ids = q.wallet_ids_after(conn, after, chunk)
             if not ids:
-                break
+                return
             values = {}
             if "portfolio" in wallet_families:
                 values["portfolio"] = q.portfolio_summaries(conn, ids, since, top)
             if "governance" in wallet_families:
                 values["governance"] = q.governance_locks(conn, ids)
-        for name, by_wallet in values.items():
-            for wallet_id, data in by_wallet.items():
-                writers[name].add(wallet_id, data, at)
+        yield c.iso_utc(computed_at), values
         after = ids[-1]
-    for name in wallet_families:
-        writers[name].flush()
+
+
+_DONE = object()
+
+
+def _prefetched(items: Iterator) -> Iterator:
+    """`items`, each next one computed in a worker thread while the caller handles the
+    current one: the database works on chunk n+1 while this process encodes and writes
+    chunk n (psycopg releases the GIL while it waits on the server)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-read") as pool:
+        pending = pool.submit(next, items, _DONE)
+        while True:
+            item = pending.result()
+            if item is _DONE:
+                return
+            pending = pool.submit(next, items, _DONE)
+            yield item
 
 
 def keep_refreshing(
