@@ -24,7 +24,7 @@ Where pg_partman's users get hurt, and what this module does instead:
 
 Empty months are created with `CREATE TABLE ... PARTITION OF`, which briefly takes ACCESS
 EXCLUSIVE on the parent: measured, a bare table plus ATTACH (SHARE UPDATE EXCLUSIVE on
-the parent) costs 1.3-1.6x as much per empty month, against a 1.2x budget. Months that
+the parent) costs 1.3-1.9x as much per empty month, against a 1.2x budget. Months that
 hold rows use the ATTACH path, where it is also the fastest (docs/partitioning.md).
 """
 
@@ -59,8 +59,9 @@ RUN_LOCK_KEY = _lock_key("wedefi_pipelines.provisioning")
 
 
 def table_lock_key(table: p.RangeTable | str) -> int:
-    """The transaction-level advisory lock every writer of a table's months holds while it
-    creates, drains, detaches or drops one (tiering takes it too)."""
+    """The transaction-level advisory lock every unit of provisioning holds while it creates
+    or drains a month of the table; whatever detaches, drops or re-attaches one (the cold
+    archive, a restore) should hold it in that transaction too."""
     name = table if isinstance(table, str) else table.name
     return _lock_key(f"wedefi_pipelines.provisioning:{name}")
 
@@ -163,22 +164,21 @@ def default_rows_by_month(
 def months_with_default_rows(
     conn: psycopg.Connection, table: p.RangeTable | str, start: date, end: date
 ) -> list[date]:
-    """The months of [start, end) that have rows in the default partition, found by a
-    loose scan of the default's time index (one probe per month found), not by reading
-    its rows: cheap even when an outage left millions of rows there."""
+    """The months of [start, end) that have rows in the default partition, found by
+    probing the default's time index for the next row (one probe per month found, plus
+    one), not by reading its rows: cheap even when an outage left millions there."""
     table = _as_table(table)
-    query = sql.SQL("""
-        WITH RECURSIVE found(month) AS (
-            SELECT date_trunc('month', min({col})) FROM {default} WHERE {col} >= %(start)s AND {col} < %(end)s
-            UNION ALL
-            SELECT (SELECT date_trunc('month', min({col})) FROM {default}
-                     WHERE {col} >= found.month + interval '1 month' AND {col} < %(end)s)
-              FROM found WHERE found.month IS NOT NULL
-        )
-        SELECT month::date FROM found WHERE month IS NOT NULL""").format(
+    query = sql.SQL("SELECT min({col}) FROM {default} WHERE {col} >= %s AND {col} < %s").format(
         col=sql.Identifier(table.time_column), default=sql.Identifier(p.default_name(table)))
-    bounds = {"start": p.month_bounds(start)[0], "end": p.month_bounds(end)[0]}
-    return [r[0] for r in conn.execute(query, bounds)]
+    found: list[date] = []
+    cursor, stop = p.month_bounds(start)[0], p.month_bounds(end)[0]
+    while cursor < stop:
+        first = conn.execute(query, (cursor, stop)).fetchone()[0]
+        if first is None:
+            break
+        found.append(p.month_of(first))
+        cursor = p.month_bounds(found[-1])[1]
+    return found
 
 
 def has_default_partition(conn: psycopg.Connection, table: p.RangeTable | str) -> bool:
