@@ -612,6 +612,27 @@ class HorizonReport:
     def left_count(self) -> int:
         return sum(n for t in self.tables.values() for n, _ in t.left_in_default.values())
 
+    def rows(self) -> list[tuple[str, str, str, str, int, int]]:
+        """Per table: name, oldest child, newest child, months created, rows moved, rows left."""
+        return [
+            (name, p.month_year(t.oldest) if t.oldest else "-", p.month_year(t.newest) if t.newest else "-",
+             ", ".join(p.month_year(m) for m in t.created) or "-", sum(t.moved.values()),
+             sum(n for n, _ in t.left_in_default.values()))
+            for name, t in self.tables.items()
+        ]
+
+    def as_text(self) -> str:
+        """A plain-text table of what the run left, for the CLI and the demo."""
+        header = ("table", "oldest", "newest", "created", "rows moved", "rows left in default")
+        rows = [header, *[tuple(str(v) for v in r) for r in self.rows()]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        tb = self.token_balance
+        lines.append(f"{tb.table}: {len(tb.present)}/{tb.modulus} hash partitions"
+                     + (f", recreated {list(tb.created)}" if tb.created else "")
+                     + (f"; problems: {'; '.join(tb.problems)}" if tb.problems else ""))
+        return "\n".join(lines)
+
 
 def run_horizon(
     conn: psycopg.Connection,

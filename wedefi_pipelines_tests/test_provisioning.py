@@ -1,6 +1,7 @@
 """Provisioning on real PostgreSQL (18 and 15): the horizon, default-partition drains,
 archived months, concurrency, lock timeouts, failures and re-runs, TokenBalance."""
 
+import re
 import threading
 import time
 from datetime import date
@@ -88,6 +89,9 @@ def test_horizon_creates_the_next_months_for_every_table_and_a_second_run_change
         indexes = {r[3] for r in catalog(conn) if r[0] == "PriceSnapshot_2026_02"}
         assert indexes == {'"PriceSnapshot_2026_02_pkey","PriceSnapshot_2026_02_tokenId_recordedAt_source_key"'}
         assert report.token_balance.present == tuple(range(8)) and report.token_balance.created == ()
+        assert re.search(r"PortfolioSnapshot\s+2025-11\s+2026-05\s+2025-11, 2025-12, .*, 2026-05\s+0\s+0",
+                         report.as_text())
+        assert "TokenBalance: 8/8 hash partitions" in report.as_text()
 
         before = catalog(conn)
         again = pv.run_horizon(conn, 6, today=date(2025, 11, 15), earliest=START, policy=FAST)

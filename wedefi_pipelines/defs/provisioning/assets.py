@@ -73,10 +73,7 @@ def table_partitions(context: dg.AssetExecutionContext, database: DatabaseResour
 
 def _horizon_metadata(report: provisioning.HorizonReport) -> dict[str, dg.MetadataValue]:
     rows = ["| table | oldest | newest | created | rows moved | rows left in default |", "|---|---|---|---|---|---|"]
-    for name, t in report.tables.items():
-        s = t.summary()
-        rows.append(f"| {name} | {s['oldest']} | {s['newest']} | {', '.join(s['created']) or '-'} | "
-                    f"{sum(t.moved.values())} | {sum(n for n, _ in t.left_in_default.values())} |")
+    rows += ["| " + " | ".join(str(v) for v in row) + " |" for row in report.rows()]
     return {
         "horizon": dg.MetadataValue.text(f"{p.month_year(report.horizon[0])}..{p.month_year(report.horizon[-1])}"),
         "months_created": dg.MetadataValue.int(report.created_count),
