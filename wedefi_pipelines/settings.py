@@ -209,6 +209,13 @@ class PartitionSettings(_Strict):
         return value
 
 
+def divides_a_day(minutes: int) -> int:
+    """`minutes` if a day is a whole number of such ticks, else a ValueError saying so."""
+    if minutes < 1 or 1440 % minutes:
+        raise ValueError(f"must divide a day (1, 5, 15, 60, ...), got {minutes}")
+    return minutes
+
+
 class SyntheticSettings(_Strict):
     seed: int = 20240101
     tokens: int = Field(500, ge=2, le=100_000)
@@ -219,9 +226,7 @@ class SyntheticSettings(_Strict):
     @field_validator("tick_minutes")
     @classmethod
     def _divides_a_day(cls, value: int) -> int:
-        if 1440 % value:
-            raise ValueError(f"must divide a day (1, 5, 15, 60, ...), got {value}")
-        return value
+        return divides_a_day(value)
 
 
 class HttpSourceSettings(_Strict):
@@ -269,9 +274,7 @@ class IngestionSettings(_Strict):
     @field_validator("portfolio_tick_minutes", "correlation_interval_minutes")
     @classmethod
     def _divides_a_day(cls, value: int) -> int:
-        if 1440 % value:
-            raise ValueError(f"must divide a day (1, 5, 15, 60, ...), got {value}")
-        return value
+        return divides_a_day(value)
 
     @field_validator("correlation_timeframes")
     @classmethod

@@ -24,6 +24,7 @@ from psycopg import sql
 
 from wedefi_pipelines.ingest.latest_prices import LATEST_PRICE_TABLE, stage_latest_prices
 from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines.ingest.validation import require_columns
 from wedefi_pipelines.partitioning import to_utc_naive
 
 BALANCE_LOCK = lock_namespace("wedefi.ingest.TokenBalance")
@@ -96,9 +97,7 @@ def sync_balances(conn: psycopg.Connection, balances: pa.Table, at: datetime,
                   lookback: timedelta = timedelta(hours=48)) -> BalanceSyncResult:
     """Upsert `balances` (columns COLUMNS) as of `at`, in one transaction."""
     at = to_utc_naive(at)
-    missing = [c for c in COLUMNS if c not in balances.column_names]
-    if missing:
-        raise ValueError(f"balance rows need columns {list(COLUMNS)}; missing {missing}")
+    require_columns(balances, COLUMNS, "balance rows")
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (BALANCE_LOCK,))
         stage_latest_prices(conn, at, lookback)

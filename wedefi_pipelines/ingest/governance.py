@@ -17,6 +17,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines.ingest.validation import require_columns
 from wedefi_pipelines.partitioning import to_utc_naive
 
 GOVERNANCE_LOCK = lock_namespace("wedefi.ingest.GovernanceLock")
@@ -70,9 +71,7 @@ SELECT (SELECT count(*) FROM candidates), count(*),
 
 def sync_governance_locks(conn: psycopg.Connection, locks: pa.Table, at: datetime) -> GovernanceSyncResult:
     at = to_utc_naive(at)
-    missing = [c for c in COLUMNS if c not in locks.column_names]
-    if missing:
-        raise ValueError(f"governance lock rows need columns {list(COLUMNS)}; missing {missing}")
+    require_columns(locks, COLUMNS, "governance lock rows")
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (GOVERNANCE_LOCK,))
         conn.execute(sql.SQL(

@@ -36,6 +36,7 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines import provisioning
 from wedefi_pipelines.ingest.latest_prices import LATEST_PRICE_TABLE, stage_latest_prices
 from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines.settings import divides_a_day
 
 TICK_LOCK = lock_namespace("wedefi.ingest.PortfolioSnapshot.tick")
 CHANGE_INTERVALS = (("24h", timedelta(hours=24)), ("7d", timedelta(days=7)), ("30d", timedelta(days=30)))
@@ -50,8 +51,7 @@ class TickError(RuntimeError):
 
 def truncate_to_tick(moment: datetime, minutes: int) -> datetime:
     """`moment` (UTC) floored to the grid of `minutes` (which divides a day) since midnight."""
-    if minutes < 1 or 1440 % minutes:
-        raise ValueError(f"tick minutes must divide a day, got {minutes}")
+    divides_a_day(minutes)
     moment = p.to_utc_naive(moment)
     midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
     elapsed = int((moment - midnight).total_seconds() // 60)

@@ -153,6 +153,13 @@ def _times(column) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
     return ms, failures
 
 
+def require_columns(table: pa.Table, columns: Iterable[str], what: str) -> None:
+    """InputShapeError naming the columns `table` lacks, before any row is looked at."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputShapeError(f"{what} need columns {list(columns)}; missing {missing}")
+
+
 def validate_prices(
     table: pa.Table,
     known_tokens: pa.Array | Iterable[str],
@@ -160,9 +167,7 @@ def validate_prices(
     now: datetime,
 ) -> Validated:
     """Split `table` into rows ready to load and rejects with a reason each."""
-    missing_columns = [c for c in COLUMNS if c not in table.column_names]
-    if missing_columns:
-        raise InputShapeError(f"price rows need columns {list(COLUMNS)}; missing {missing_columns}")
+    require_columns(table, COLUMNS, "price rows")
     start, end = (to_utc_naive(w) for w in window)
     now = to_utc_naive(now)
     n = table.num_rows

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wedefi_pipelines.partitioning import to_utc_naive
+from wedefi_pipelines.settings import divides_a_day
 
 SOURCE = "synthetic"
 EPOCH = datetime(2015, 1, 1)  # the walk starts here; no synthetic price exists before it
@@ -98,8 +99,7 @@ class TickGrid:
     minutes: int
 
     def __post_init__(self) -> None:
-        if not 1 <= self.minutes <= 1440 or 1440 % self.minutes:
-            raise ValueError(f"tick_minutes must divide a day (1, 5, 15, 60, ...), got {self.minutes}")
+        divides_a_day(self.minutes)
 
     @property
     def per_day(self) -> int:

@@ -11,7 +11,7 @@ from wedefi_pipelines.defs.time_partitions import daily_partitions
 from wedefi_pipelines.ingest.history import scaled_market, seed_history
 from wedefi_pipelines.ingest.portfolio import parse_utc
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings
+from wedefi_pipelines.settings import current_settings, divides_a_day
 
 
 class SeedHistoryConfig(dg.Config):
@@ -27,9 +27,7 @@ class SeedHistoryConfig(dg.Config):
     @field_validator("price_tick_minutes")
     @classmethod
     def _divides_a_day(cls, value: int) -> int:
-        if 1440 % value:
-            raise ValueError(f"price_tick_minutes must divide a day (1, 5, 15, 60, ...), got {value}")
-        return value
+        return divides_a_day(value)
 
 
 @dg.op(name="synthesize_history", tags={"kind": "postgres"})
