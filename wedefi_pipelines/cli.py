@@ -9,6 +9,7 @@ import sys
 import threading
 
 from wedefi_pipelines import devstack
+from wedefi_pipelines.tiering.history_cli import add_history_parser
 
 
 def _add_stack_options(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply sql/ to DATABASE_URL_PRIMARY")
     mig.add_argument("--database-url", help="override DATABASE_URL_PRIMARY")
     mig.set_defaults(func=cmd_migrate)
+    add_history_parser(sub)
     return parser
 
 
