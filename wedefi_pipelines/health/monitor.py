@@ -1,0 +1,174 @@
+"""Runs the probes on every server they concern and applies the rules: the one place the
+sensors, the check runs, the demo and the benchmark evaluate health through.
+
+The servers are the primary and each distinct replica behind DATABASE_URL_READ and
+DATABASE_URL_ANALYTICS (named like the settings: primary, read_replica,
+analytics_replica). A replica that cannot be reached makes its own verdicts unknown
+(its episodes neither open nor close): the replication check reports it as missing. A
+primary that cannot be reached raises, so the sensor's tick fails visibly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from wedefi_pipelines.health import probes, rules
+from wedefi_pipelines.health.rules import Evaluation, ExpectedReplica, incident_key
+from wedefi_pipelines.resources.database import Database, Server
+from wedefi_pipelines.settings import Settings
+
+SERVER_LABELS: dict[Server, str] = {"primary": "primary", "read": "read_replica", "analytics": "analytics_replica"}
+
+
+def server_address(url: str) -> str:
+    """host:port/dbname of a URL, never its password."""
+    params = conninfo_to_dict(url)
+    return f"{params.get('host', 'localhost')}:{params.get('port', '5432')}/{params.get('dbname', '')}"
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+class HealthMonitor:
+    """Health evaluations over a `Database`'s servers. Each method takes the figures the
+    previous evaluation left (a sensor's cursor; None means "since the statistics' reset")
+    and returns an Evaluation whose baseline the next one takes."""
+
+    def __init__(self, database: Database, settings: Settings | None = None) -> None:
+        self.db = database
+        self.settings = settings or database.settings
+        self.timeout_ms = self.settings.monitoring.statement_timeout_ms
+
+    def servers(self) -> list[tuple[str, Server]]:
+        """(label, server) for the primary and each replica URL not already listed."""
+        seen = {self.db.urls["primary"]}
+        found: list[tuple[str, Server]] = [("primary", "primary")]
+        for server in ("read", "analytics"):
+            url = self.db.urls[server]
+            if url and url not in seen:
+                seen.add(url)
+                found.append((SERVER_LABELS[server], server))
+        return found
+
+    def _per_server(self, condition: str, previous: Mapping[str, Any] | None, probe) -> Evaluation:
+        """Run `probe(label, conn, previous_for_label) -> (finding, baseline)` on each server;
+        an unreachable replica is unknown and keeps its previous baseline."""
+        previous = previous or {}
+        findings, unknown, notes, baseline = [], set(), [], {}
+        for label, server in self.servers():
+            try:
+                with self.db.autocommit(server) as conn:
+                    finding, figures = probe(label, conn, previous.get(label))
+            except psycopg.OperationalError as exc:
+                if server == "primary":
+                    raise
+                unknown.add(incident_key(condition, label))
+                notes.append(f"{label} not evaluated: {one_line(exc)}")
+                if label in previous:
+                    baseline[label] = previous[label]
+                continue
+            findings.append(finding)
+            if figures is not None:
+                baseline[label] = figures
+        return Evaluation(tuple(findings), frozenset(unknown), tuple(notes), baseline)
+
+    # -- the four conditions ---------------------------------------------------------------
+    def replication(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Lag of every streaming replica, from the primary; presence of each expected one."""
+        threshold = self.settings.alert_threshold("ReplicationLag")
+        names = dict((previous or {}).get("names", {}))
+        expected = []
+        for label, server in self.servers()[1:]:
+            address = server_address(self.db.urls[server])
+            try:
+                with self.db.autocommit(server) as conn:
+                    names[label] = probes.replica_identity(conn, self.timeout_ms)
+                expected.append(ExpectedReplica(label, names[label], None, address))
+            except (psycopg.Error, ValueError) as exc:
+                expected.append(ExpectedReplica(label, names.get(label), one_line(exc), address))
+        with self.db.autocommit("primary") as primary:
+            lags = probes.replica_lags(primary, self.timeout_ms)
+        findings = rules.replication_findings(lags, expected, threshold)
+        return Evaluation(tuple(findings), baseline={"names": names})
+
+    def slow_queries(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """A single execution over SlowQueryDetected since the previous evaluation
+        (max_exec_time growth in pg_stat_statements) or one running that long now."""
+        threshold = self.settings.alert_threshold("SlowQueryDetected")
+
+        def probe(label, conn, before):
+            snapshot = probes.statement_snapshot(conn, self.timeout_ms, min_max_exec_ms=threshold)
+            grown = rules.grown_statements(snapshot, before, threshold)
+            running = probes.running_queries(conn, threshold, self.timeout_ms)
+            texts = probes.statement_texts(conn, [s.queryid for s, _ in grown[:10]], self.timeout_ms)
+            finding = rules.slow_query_finding(label, grown, running, texts, threshold)
+            return finding, rules.statement_baseline(snapshot, threshold)
+
+        return self._per_server("slow_query", previous, probe)
+
+    def index_hit_ratio(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Index blocks served from shared buffers since the previous evaluation."""
+        threshold = self.settings.alert_threshold("IndexScanEfficiency")
+        min_blocks = self.settings.monitoring.index_hit_min_blocks
+
+        def probe(label, conn, before):
+            io = probes.index_io(conn, self.timeout_ms)
+            finding = rules.index_hit_finding(label, io, before, threshold, min_blocks)
+            if finding.breached:
+                top = sorted(probes.index_usage(conn, self.timeout_ms), key=lambda ix: -ix.blks_read)[:5]
+                reads = [{"index": f"{ix.schema}.{ix.index}", "table": ix.table, "blks_read": ix.blks_read,
+                          "blks_hit": ix.blks_hit, "size_bytes": ix.size_bytes} for ix in top]
+                finding = dataclasses.replace(
+                    finding, evidence={**finding.evidence, "top_index_reads_cumulative": reads})
+            return finding, rules.index_io_baseline(io)
+
+        return self._per_server("index_hit_ratio", previous, probe)
+
+    def connections(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Client backends per server, idle included, against HighConnectionCount."""
+        threshold = self.settings.alert_threshold("HighConnectionCount")
+
+        def probe(label, conn, _before):
+            return rules.connection_finding(label, probes.connection_counts(conn, self.timeout_ms), threshold), None
+
+        return self._per_server("connection_count", previous, probe)
+
+    def evaluate_all(self) -> dict[str, Evaluation]:
+        """Every probe once, each since its statistics' reset (the demo's snapshot)."""
+        return {
+            "replication": self.replication(),
+            "slow_queries": self.slow_queries(),
+            "index_hit_ratio": self.index_hit_ratio(),
+            "connections": self.connections(),
+        }
+
+
+EVALUATIONS = {
+    "replication": HealthMonitor.replication,
+    "slow_queries": HealthMonitor.slow_queries,
+    "index_hit_ratio": HealthMonitor.index_hit_ratio,
+    "connections": HealthMonitor.connections,
+}
+
+
+def health_lines(database: Database, settings: Settings | None = None) -> list[str]:
+    """Every probe once on every server, and the alerts still open: what the demo prints."""
+    from wedefi_pipelines.health.alerting import open_alerts
+
+    lines = ["health (every probe once, each since its statistics' reset):"]
+    for name, evaluation in HealthMonitor(database, settings).evaluate_all().items():
+        for finding in evaluation.findings:
+            lines.append(f"  {name:<16} {'BREACH' if finding.breached else 'ok':<6} {finding.summary}")
+        lines.extend(f"  {name:<16} {'?':<6} {note}" for note in evaluation.notes)
+    with database.connection("alert_processing") as conn:
+        alerts = open_alerts(conn)
+    lines.append(f"open alerts: {len(alerts) or 'none'}")
+    lines.extend(f"  [{a.severity}] {a.type}: {a.title} ({a.status} since {a.trigger_at:%Y-%m-%d %H:%M:%S} UTC, "
+                 f"{a.metadata.get('occurrences', 1)} occurrence(s))" for a in alerts)
+    return lines
