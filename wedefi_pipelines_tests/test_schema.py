@@ -107,18 +107,18 @@ def test_all_wallets_portfolio_row_is_stored_once(db):
 def test_edited_migration_is_refused_naming_the_file(db, tmp_path):
     sql_dir = tmp_path / "sql"
     shutil.copytree(default_sql_dir(), sql_dir)
-    (sql_dir / "0004_extra.sql").write_text('CREATE TABLE IF NOT EXISTS "Extra" (id int);\n')
-    assert migrate(db.url, sql_dir).applied == ["0004_extra.sql"]
-    (sql_dir / "0004_extra.sql").write_text('CREATE TABLE IF NOT EXISTS "Extra" (id bigint);\n')
-    with pytest.raises(MigrationError, match="0004_extra.sql was changed after it was applied"):
+    (sql_dir / "0999_test_extra.sql").write_text('CREATE TABLE IF NOT EXISTS "Extra" (id int);\n')
+    assert migrate(db.url, sql_dir).applied == ["0999_test_extra.sql"]
+    (sql_dir / "0999_test_extra.sql").write_text('CREATE TABLE IF NOT EXISTS "Extra" (id bigint);\n')
+    with pytest.raises(MigrationError, match="0999_test_extra.sql was changed after it was applied"):
         migrate(db.url, sql_dir)
 
 
 def test_failing_migration_names_the_file_and_applies_nothing_of_it(db, tmp_path):
     sql_dir = tmp_path / "sql"
     shutil.copytree(default_sql_dir(), sql_dir)
-    (sql_dir / "0009_broken.sql").write_text('CREATE TABLE "Half" (id int);\nCREATE TABLE oops oops;\n')
-    with pytest.raises(MigrationError, match="0009_broken.sql failed"):
+    (sql_dir / "0998_test_broken.sql").write_text('CREATE TABLE "Half" (id int);\nCREATE TABLE oops oops;\n')
+    with pytest.raises(MigrationError, match="0998_test_broken.sql failed"):
         migrate(db.url, sql_dir)
     with db.connect() as conn:
         assert conn.execute("SELECT to_regclass('\"Half\"')").fetchone()[0] is None
