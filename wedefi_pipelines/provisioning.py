@@ -313,7 +313,10 @@ def ensure_month(
     An archived month is skipped unless `allow_archived` (the restore path). On an idle
     connection the work commits in its own transaction; inside the caller's transaction
     it runs under a savepoint and the advisory lock is held until the caller commits, so
-    a concurrent provisioner never sees a half-made month. Raises ProvisioningError.
+    a concurrent provisioner never sees a half-made month; call it there before the
+    transaction touches the table (locks the caller already holds, say RowExclusive from
+    an insert, would make two such callers wait on each other until lock_timeout).
+    Raises ProvisioningError.
     """
     return ensure_months(conn, table, [month], allow_archived=allow_archived, policy=policy)[0]
 
@@ -338,9 +341,14 @@ def ensure_months(
     wanted = sorted({p.month_of(m) for m in months})
     if not wanted:
         return []
-    _check_usable(conn)
+    in_caller_tx = _check_usable(conn)
+    with_rows: set[date] = set()
     with conn.transaction():
-        with_rows = set(months_with_default_rows(conn, table, wanted[0], p.add_months(wanted[-1], 1)))
+        if not in_caller_tx:
+            # Inside the caller's transaction this read would keep a lock on the default
+            # until the caller commits, and block whoever holds the advisory lock: there,
+            # each unit finds its rows under the advisory lock instead.
+            with_rows = set(months_with_default_rows(conn, table, wanted[0], p.add_months(wanted[-1], 1)))
         referenced = _referenced_tables(conn, table)
     outcomes: list[MonthOutcome] = []
     for unit in _units(wanted, with_rows, policy.months_per_transaction):

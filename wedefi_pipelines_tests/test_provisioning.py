@@ -234,6 +234,7 @@ def test_ensure_month_from_two_ingestion_transactions_creates_the_month_once(db)
                 conn.execute("SET lock_timeout = '7s'")
                 conn.commit()
                 barrier.wait()
+                conn.execute("SELECT 1")  # ingestion's transaction is open: ensure_month joins it
                 outcomes.append(pv.ensure_month(conn, "PriceSnapshot", date(2025, 5, 1), policy=FAST))
                 assert conn.execute("SELECT current_setting('lock_timeout')").fetchone()[0] == "7s"
                 time.sleep(0.2)  # loading the day, holding the month's advisory lock
