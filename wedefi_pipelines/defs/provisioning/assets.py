@@ -13,6 +13,7 @@ from wedefi_pipelines.defs.time_partitions import monthly_partitions
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
+
 class PartitionHorizonConfig(dg.Config):
     months_ahead: int = Field(
         default=current_settings().partitions.horizon_months,
@@ -26,16 +27,17 @@ class PartitionHorizonConfig(dg.Config):
         return provisioning.validate_months_ahead(value)
 
 
+def _table_outcomes(results: list[provisioning.MonthOutcome]) -> dict:
+    summary: dict = {}
+    for outcome in results:
+        summary.setdefault(outcome.action, []).append(p.month_year(outcome.month))
+        if outcome.moved:
+            summary.setdefault("rows_moved_from_default", {})[p.month_year(outcome.month)] = outcome.moved
+    return summary
+
+
 def _outcome_metadata(outcomes: dict[str, list[provisioning.MonthOutcome]]) -> dict[str, dg.MetadataValue]:
-    per_table = {
-        table: {
-            action: [p.month_year(o.month) for o in results if o.action == action]
-            for action in ("created", "exists", "archived", "detached", "failed")
-            if any(o.action == action for o in results)
-        } | ({"rows_moved_from_default": {p.month_year(o.month): o.moved for o in results if o.moved}}
-             if any(o.moved for o in results) else {})
-        for table, results in outcomes.items()
-    }
+    per_table = {table: _table_outcomes(results) for table, results in outcomes.items()}
     return {
         "months_created": dg.MetadataValue.int(sum(o.action == "created" for r in outcomes.values() for o in r)),
         "rows_moved_from_default": dg.MetadataValue.int(sum(o.moved for r in outcomes.values() for o in r)),
@@ -53,9 +55,8 @@ def _outcome_metadata(outcomes: dict[str, list[provisioning.MonthOutcome]]) -> d
 )
 def table_partitions(context: dg.AssetExecutionContext, database: DatabaseResource) -> dg.MaterializeResult:
     """The monthly children of "PriceSnapshot", "PortfolioSnapshot" and "PositionSnapshot"
-    for the selected months, with their per-child
-    indexes and PortfolioSnapshot's 4 hash sub-partitions; rows of those months waiting in
-    a default partition are moved in. A month range backfilled from the UI runs once over
+    for the selected months, with their per-child indexes and PortfolioSnapshot's 4 hash
+    sub-partitions; rows of those months waiting in a default partition are moved in. A month range backfilled from the UI runs once over
     the whole range. Months archived to the cold tier count as covered and are skipped
     (only a restore brings one back). Ingestion depends on it month by month."""
     window = context.partition_time_window
@@ -95,13 +96,13 @@ def partition_horizon(
     context: dg.AssetExecutionContext, config: PartitionHorizonConfig, database: DatabaseResource
 ) -> dg.MaterializeResult:
     """The current month and the next `months_ahead` exist for "PriceSnapshot",
-    "PortfolioSnapshot" and "PositionSnapshot", so writes never
-    fall into a default partition; rows that did (an outage, late or early data) are moved
-    into their month's new child, creating any month between so no gap appears. Rows of
-    archived months stay in the default for the cold archive. Verifies "TokenBalance" has
-    its 8 hash partitions. Runs under advisory locks with a short lock_timeout and retries,
-    so concurrent runs create each child once and readers and writers are never stuck
-    behind it. Scheduled monthly and daily (partition_horizon_monthly/_daily)."""
+    "PortfolioSnapshot" and "PositionSnapshot", so writes never fall into a default
+    partition; rows that did (an outage, late or early data) are moved into their month's
+    new child, creating any month between so no gap appears. Rows of archived months stay
+    in the default for the cold archive. Verifies "TokenBalance" has its 8 hash
+    partitions. Runs under advisory locks with a short lock_timeout and retries, so
+    concurrent runs create each child once and readers and writers are never stuck behind
+    it. Scheduled monthly and daily (partition_horizon_monthly/_daily)."""
     with database.db.autocommit("primary") as conn:
         report = provisioning.run_horizon(conn, config.months_ahead, today=datetime.now(timezone.utc))
     metadata = _horizon_metadata(report)

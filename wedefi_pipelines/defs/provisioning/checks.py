@@ -5,6 +5,7 @@ read the primary's catalog (a replica's may lag) with a statement timeout."""
 from datetime import datetime, timezone
 
 import dagster as dg
+from psycopg import sql
 
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines import provisioning
@@ -13,9 +14,14 @@ from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
 
+# Counting a default partition by month reads all its rows: after a long outage that is
+# millions, so the checks get more time than the sensors' probes do.
+STATEMENT_TIMEOUT_MS = 60_000
+
+
 def _inspect(database: DatabaseResource) -> list[provisioning.TableInspection]:
     with database.db.connect("primary") as conn:
-        conn.execute("SET LOCAL statement_timeout = %s" % int(current_settings().monitoring.statement_timeout_ms * 5))
+        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(STATEMENT_TIMEOUT_MS)))
         return provisioning.inspect_partitions(conn)
 
 
