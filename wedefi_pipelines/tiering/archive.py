@@ -29,8 +29,8 @@ overwritten. Rows arriving late for an archived month wait in the default partit
 until the month is run again: they become its next part.
 
 Fault injection (tests): $WEDEFI_ARCHIVE_FAULT names a step after which the run raises
-(`uploaded`) or kills its own process (`uploaded:kill`); `on_step` is called after each
-step with the run's parts.
+(`uploaded`), kills its own process (`uploaded:kill`) or sleeps (`frozen:sleep=3`);
+`on_step` is called after each step with the run's parts.
 """
 
 from __future__ import annotations
@@ -263,6 +263,9 @@ class Archiver:
         if step == name:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if how.startswith("sleep="):  # hold the month lock a while, so runs surely overlap
+                time.sleep(float(how[len("sleep="):]))
+                return
             raise InjectedFault(f"injected fault after step '{name}' ({FAULT_ENV}={fault})")
 
     def _columns(self, table: p.RangeTable) -> list[ArchiveColumn]:

@@ -8,6 +8,7 @@ The work is in wedefi_pipelines.tiering; these stay thin.
 import dagster as dg
 
 from wedefi_pipelines import partitioning as p
+from wedefi_pipelines.defs.tiering.checks import CHECK_SPECS, evaluate
 from wedefi_pipelines.defs.time_partitions import monthly_partitions
 from wedefi_pipelines.resources.archive import ArchiveStoreResource
 from wedefi_pipelines.resources.database import DatabaseResource
@@ -16,7 +17,8 @@ from wedefi_pipelines.tiering.policy import groups
 from wedefi_pipelines.tiering.warm import warm_month
 
 
-def _fail_or_return(context: dg.AssetExecutionContext, results: dict, errors: dict) -> dg.MaterializeResult:
+def _fail_or_return(context: dg.AssetExecutionContext, results: dict, errors: dict,
+                    check_results: list[dg.AssetCheckResult] | None = None) -> dg.MaterializeResult:
     metadata = {name: dg.MetadataValue.json(meta) for name, meta in results.items()}
     changed = [name for name, meta in results.items() if meta.get("action") not in (None, "skipped")]
     metadata["changed"] = dg.MetadataValue.json(changed)
@@ -27,7 +29,7 @@ def _fail_or_return(context: dg.AssetExecutionContext, results: dict, errors: di
     if not changed:
         context.log.info("nothing to do for %s: %s", context.partition_key,
                          "; ".join(f"{n}: {m.get('reason')}" for n, m in results.items()))
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, check_results=check_results)
 
 
 @dg.asset(
@@ -63,6 +65,7 @@ def warm_tier(context: dg.AssetExecutionContext, database: DatabaseResource) -> 
     kinds={"postgres", "s3", "parquet"},
     group_name="tiering",
     pool="wedefi_archive",
+    check_specs=CHECK_SPECS,
 )
 def cold_archive(context: dg.AssetExecutionContext, database: DatabaseResource,
                  archive: ArchiveStoreResource) -> dg.MaterializeResult:
@@ -82,4 +85,4 @@ def cold_archive(context: dg.AssetExecutionContext, database: DatabaseResource,
         except Exception as exc:  # the other group still runs; the run fails at the end
             context.log.error("%s %s: %s", group, p.month_year(month), exc)
             errors[group] = exc
-    return _fail_or_return(context, results, errors)
+    return _fail_or_return(context, results, errors, evaluate(database.db, store))
