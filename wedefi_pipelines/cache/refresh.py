@@ -194,11 +194,12 @@ def _wallet_chunks(database: Database, wallet_families: Sequence[str], since: da
             ids = q.wallet_ids_after(conn, after, chunk)
             if not ids:
                 return
+            wallets = q.WalletRange(ids[0], ids[-1])  # the whole id range: a wallet added meanwhile is not skipped
             values = {}
             if "portfolio" in wallet_families:
-                values["portfolio"] = q.portfolio_summaries(conn, ids, since, top)
+                values["portfolio"] = q.portfolio_summaries(conn, wallets, since, top)
             if "governance" in wallet_families:
-                values["governance"] = q.governance_locks(conn, ids)
+                values["governance"] = q.governance_locks(conn, wallets)
         yield c.iso_utc(computed_at), values
         after = ids[-1]
 
