@@ -12,7 +12,7 @@ Every writer (the refresh asset, the API's read-through, invalidation) goes thro
   data gets its `computedAt` moved forward in place (SETRANGE, fixed width) and its TTL
   renewed; only the keys that differ (or vanished) are then written in full.
 
-The scripts touch one key each, so they also run on Redis Cluster.
+The scripts touch one key each and keep no state beside the value itself.
 """
 
 from __future__ import annotations
