@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+import sqlalchemy.exc
 from dagster import Field, Map
 from dagster._core.storage.event_log import SqliteEventLogStorage
 from dagster._core.storage.event_log.base import EventLogStorage
@@ -97,12 +98,22 @@ def apply_pool_limits(storage: EventLogStorage, limits: Mapping[str, int]) -> di
         log.warning("this Dagster storage has no concurrency tables (run `dagster instance migrate`): "
                     "pool limits %s are not applied", dict(limits))
         return {}
-    current = {pool.name: (pool.limit, pool.from_default) for pool in storage.get_pool_limits()}
     changed = {}
     for pool, limit in sorted(limits.items()):
-        if current.get(pool) != (limit, False):
-            storage.set_concurrency_slots(pool, limit)
+        # Processes starting together on a fresh database (webserver and daemon) race to
+        # insert the same pool: the loser re-reads and retries once instead of dying.
+        for attempt in range(3):
+            current = {p.name: (p.limit, p.from_default) for p in storage.get_pool_limits()}
+            if current.get(pool) == (limit, False):
+                break
+            try:
+                storage.set_concurrency_slots(pool, limit)
+            except sqlalchemy.exc.IntegrityError:
+                if attempt == 2:
+                    raise
+                continue
             changed[pool] = limit
+            break
     if changed:
         log.info("Dagster pool limits set from dagster.yaml: %s", changed)
     return changed
