@@ -1,6 +1,6 @@
 """The cold archive on the real stack: PostgreSQL primary + replicas, moto S3 over HTTP."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 import pyarrow as pa
@@ -228,3 +228,55 @@ def test_cross_tier_history_equals_the_query_before_archiving(db):
 def test_history_rejects_an_empty_range(db):
     with db.database() as database, pytest.raises(ValueError, match="must be after"):
         price_history(database, store_for(db), "tok-1", datetime(2025, 2, 1), datetime(2025, 1, 1))
+
+
+def test_ids_that_are_not_all_uuids_are_archived_as_text(db):
+    """UUID ids are stored as Parquet UUID; one id that is not a canonical UUID, even past the
+    rows the choice was made on, makes the whole file keep them as text, exactly."""
+    month = months_ago(16)
+    with psycopg.connect(db.url) as conn:
+        seed_reference(conn)
+        rows = load_prices(conn, month, step="1 hour")
+        assert rows > 2000
+        conn.execute("""INSERT INTO "PriceSnapshot" (id, "tokenId", "priceUsd", source, "recordedAt")
+                        VALUES ('Not-A-UUID', 'tok-3', 1, 'zz', %s)""", (p.month_bounds(month)[1] - timedelta(minutes=1),))
+        conn.commit()
+        before = rows_of(conn, "PriceSnapshot")
+    store = store_for(db)
+    with db.database() as database:
+        outcome = Archiver(database, store).archive_month("PriceSnapshot", month)
+        assert outcome.parts[0].uuid_columns == ()
+        store.download(outcome.parts[0].key, f"/tmp/{db.name}.parquet")
+        assert pq.read_schema(f"/tmp/{db.name}.parquet").field("id").type == pa.string()
+        restore_month(database, store, "PriceSnapshot", month)
+    with db.connect() as conn:
+        assert rows_of(conn, "PriceSnapshot") == before
+
+
+def test_apply_due_moves_every_due_month_and_the_report_reads_it_back(db):
+    """What the demo runs: warm and archive what is due, then print where each month lives."""
+    from wedefi_pipelines.tiering.report import apply_due, format_tiers, month_tiers
+
+    cold, warm, hot = months_ago(14), months_ago(2), months_ago(0)
+    with psycopg.connect(db.url) as conn:
+        seed_reference(conn)
+        for month in (cold, warm, hot):
+            load_prices(conn, month)
+        load_portfolio(conn, cold)
+    store = store_for(db)
+    with db.database() as database:
+        run = apply_due(database, store)
+        assert [(o.table, o.action) for o in run.warmed] == [
+            ("PriceSnapshot", "converted"), ("PortfolioSnapshot", "skipped"), ("PositionSnapshot", "skipped")]
+        assert {(o.group, o.action) for o in run.archived} == {("PriceSnapshot", "archived"),
+                                                              ("PortfolioSnapshot", "archived")}
+        tiers = {(m.table, m.month): m for m in month_tiers(database, store)}
+        again = apply_due(database, store)
+    assert again.warmed == [] and again.archived == []
+    assert tiers[("PriceSnapshot", hot)].tier == "hot"
+    assert tiers[("PriceSnapshot", warm)].tier == "warm (rewritten, BRIN, frozen)"
+    archived = tiers[("PriceSnapshot", cold)]
+    assert archived.tier == "cold (Parquet on S3)" and archived.rows > 0
+    assert archived.objects[0][0] == f"s3://{store.bucket}/" + store.object_key("PriceSnapshot", cold, 0)
+    assert tiers[("PositionSnapshot", cold)].tier == "cold (Parquet on S3)"
+    assert f"{p.month_year(cold)}" in format_tiers(list(tiers.values()))

@@ -40,7 +40,7 @@ import os
 import signal
 import tempfile
 import time
-from contextlib import closing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -57,9 +57,10 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreError, FileDigest, file_digest
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.settings import Settings
-from wedefi_pipelines.tiering.arrow_io import (ROW_HASH, ExportConversionError, UnrepresentableValue, copy_batches,
-                                               find_unrepresentable, select_sql)
-from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns, arrow_schema, hash_kinds
+from wedefi_pipelines.tiering.arrow_io import (ROW_HASH, UUID_COLUMNS, ExportConversionError, UnrepresentableValue,
+                                               copy_batches, find_unrepresentable, select_sql, uuid_type,
+                                               uuids_from_text)
+from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql, row_hashes
 from wedefi_pipelines.tiering.locks import month_lock, set_lock_timeout, with_lock_retries
 from wedefi_pipelines.tiering.policy import EXPORT_ORDER, ROW_KEY, Tier, bounds_decide, classify, group_tables
@@ -99,6 +100,7 @@ class Part:
     min_time: datetime | None = None
     max_time: datetime | None = None
     digest: FileDigest | None = None
+    uuid_columns: tuple[str, ...] = ()
 
 
 @dataclass
@@ -175,63 +177,112 @@ def _widen(current: tuple, new: tuple) -> tuple:
 
 
 def parquet_writer(path: Path, table: p.RangeTable, month: date, columns: list[ArchiveColumn],
-                   settings: Settings) -> pq.ParquetWriter:
-    schema = arrow_schema(columns, metadata={"wedefi.table": table.name, "wedefi.month": p.month_year(month)})
+                   settings: Settings, uuid_columns: tuple[str, ...] = ()) -> pq.ParquetWriter:
+    """zstd Parquet, its sort order declared in the footer. Encodings chosen for these tables:
+    dictionaries for repeated values (token, wallet, source...), delta encoding for the
+    timestamps (sorted by key then time, consecutive values differ by one tick), plain for
+    the unique id and the decimals (a dictionary would only be tried and dropped)."""
+    schema = file_schema(columns, uuid_columns).with_metadata({
+        "wedefi.table": table.name, "wedefi.month": p.month_year(month), "wedefi.uuid_columns": ",".join(uuid_columns)})
     order = EXPORT_ORDER[table.name]
     names = [c.name for c in columns]
     return pq.ParquetWriter(
         path, schema, compression="zstd", compression_level=settings.archive.zstd_level,
         write_statistics=True, write_page_index=True,
+        use_dictionary=[c.name for c in columns if c.kind not in ("numeric", "timestamp") and c.name not in UUID_COLUMNS],
+        column_encoding={c.name: "DELTA_BINARY_PACKED" for c in columns if c.kind == "timestamp"},
         sorting_columns=[pq.SortingColumn(names.index(c)) for c in order],
     )
 
 
+def file_schema(columns: list[ArchiveColumn], uuid_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """The Parquet file's Arrow schema: the columns' exact types, UUID where chosen."""
+    fields = [pa.field(c.name, uuid_type(), nullable=c.nullable) if c.name in uuid_columns else c.field
+              for c in columns]
+    return pa.schema(fields)
+
+
+class _NotUuidAfterAll(Exception):
+    """A later batch holds an id that is not a canonical UUID: export the file again as text."""
+
+
 def export_relation(conn: psycopg.Connection, table: p.RangeTable, month: date, relation: str,
-                    columns: list[ArchiveColumn], path: Path, settings: Settings) -> tuple[int, ContentHash, tuple]:
+                    columns: list[ArchiveColumn], path: Path, settings: Settings,
+                    try_uuid: bool = True) -> tuple[int, ContentHash, tuple, tuple[str, ...]]:
     """Stream `relation` into a zstd Parquet file sorted by EXPORT_ORDER, in row groups of
-    `archive.row_group_rows`. Returns (rows, PostgreSQL's content hash, (min, max) time)."""
+    `archive.row_group_rows`. Returns (rows, PostgreSQL's content hash, (min, max) time,
+    the columns stored as UUID)."""
     query = select_sql(relation, columns, EXPORT_ORDER[table.name], row_hash_sql(hash_kinds(columns)))
     target_rows = settings.archive.row_group_rows
+    candidates = [c.name for c in columns if c.name in UUID_COLUMNS and c.kind == "text"] if try_uuid else []
     total = ContentHash()
     span: tuple = (None, None)
+    writer = None
+    uuid_columns: tuple[str, ...] = ()
     try:
-        with conn.transaction(), closing(parquet_writer(path, table, month, columns, settings)) as writer:
+        with conn.transaction():
             conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(f"{settings.archive.export_work_mem_mb}MB")))
-            pending: list[pa.RecordBatch] = []
+            pending: list[pa.Table] = []
             pending_rows = 0
             for batch in copy_batches(conn, query, columns, with_row_hash=True):
                 total = total + ContentHash.of(batch.column(ROW_HASH).to_numpy())
-                batch = batch.drop_columns([ROW_HASH])
+                data = pa.Table.from_batches([batch.drop_columns([ROW_HASH])])
                 span = _widen(span, _time_range(batch, table.time_column))
-                pending.append(batch)
-                pending_rows += batch.num_rows
+                if writer is None:
+                    uuid_columns = tuple(c for c in candidates if uuids_from_text(data.column(c).slice(0, 1000)) is not None)
+                    writer = parquet_writer(path, table, month, columns, settings, uuid_columns)
+                for name in uuid_columns:
+                    converted = uuids_from_text(data.column(name))
+                    if converted is None:
+                        raise _NotUuidAfterAll(name)
+                    data = data.set_column(data.schema.get_field_index(name), pa.field(name, uuid_type(), nullable=False),
+                                           converted)
+                pending.append(data)
+                pending_rows += data.num_rows
                 while pending_rows >= target_rows:
-                    merged = pa.Table.from_batches(pending).combine_chunks()
+                    merged = pa.concat_tables(pending).combine_chunks()
                     writer.write_table(merged.slice(0, target_rows), row_group_size=target_rows)
                     rest = merged.slice(target_rows)
-                    pending, pending_rows = rest.to_batches(), rest.num_rows
+                    pending, pending_rows = [rest], rest.num_rows
+            if writer is None:
+                writer = parquet_writer(path, table, month, columns, settings)
             if pending_rows:
-                writer.write_table(pa.Table.from_batches(pending), row_group_size=target_rows)
+                writer.write_table(pa.concat_tables(pending), row_group_size=target_rows)
             writer.add_key_value_metadata({"wedefi.rows": str(total.count), "wedefi.content_hash": str(total.total),
                                            "wedefi.hash_format": HASH_FORMAT})
+            writer.close()
+    except _NotUuidAfterAll:
+        if writer is not None:
+            writer.close()
+        return export_relation(conn, table, month, relation, columns, path, settings, try_uuid=False)
     except (ExportConversionError, psycopg.errors.DataError) as exc:
+        if writer is not None:
+            writer.close()
         conn.rollback()
         with conn.transaction():
             culprit = find_unrepresentable(conn, relation, columns, ROW_KEY[table.name])
         if culprit:
             raise UnrepresentableValue(culprit) from exc
         raise
-    return total.count, total, span
+    return total.count, total, span, uuid_columns
 
 
-def read_back(path: Path, table: p.RangeTable, columns: list[ArchiveColumn]) -> tuple[int, ContentHash, tuple]:
-    """Re-hash a Parquet file row by row, batch by batch: (rows, content hash, (min, max) time)."""
+def _row_group_digest(path: Path, index: int, table: p.RangeTable, kinds: dict[str, str]) -> tuple[ContentHash, tuple]:
+    group = pq.ParquetFile(path).read_row_group(index)
+    return ContentHash.of(row_hashes(group, kinds)), _time_range(group, table.time_column)
+
+
+def read_back(path: Path, table: p.RangeTable, columns: list[ArchiveColumn], threads: int = 2
+              ) -> tuple[int, ContentHash, tuple]:
+    """Re-hash a Parquet file row by row, a row group at a time on `threads` threads (numpy
+    and Arrow release the GIL): (rows, content hash, (min, max) time)."""
     kinds = hash_kinds(columns)
+    groups = pq.ParquetFile(path).metadata.num_row_groups
     total, span = ContentHash(), (None, None)
-    parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=65_536):
-        total = total + ContentHash.of(row_hashes(batch, kinds))
-        span = _widen(span, _time_range(batch, table.time_column))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for content, group_span in pool.map(lambda i: _row_group_digest(path, i, table, kinds), range(groups)):
+            total = total + content
+            span = _widen(span, group_span)
     return total.count, total, span
 
 
@@ -399,7 +450,7 @@ class Archiver:
                     parquet_writer(part.path, part.table, part.month, columns, self.settings).close()
                     continue
                 try:
-                    part.rows, part.pg_hash, span = export_relation(
+                    part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
                         source, part.table, part.month, part.relation, columns, part.path, self.settings)
                 except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
                     if label == "primary":
@@ -407,7 +458,7 @@ class Archiver:
                     self.log.warning("export from the analytics replica failed (%s): retrying on the primary", exc)
                     source.close()
                     source, label = psycopg.connect(self.db.urls["primary"]), "primary"
-                    part.rows, part.pg_hash, span = export_relation(
+                    part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
                         source, part.table, part.month, part.relation, columns, part.path, self.settings)
                 part.min_time, part.max_time = span
                 self.log.info("%s %s: exported %d rows of %s to %s", part.table.name, p.month_year(part.month),
@@ -456,8 +507,9 @@ class Archiver:
             if footer.metadata.num_rows != part.rows:
                 raise VerificationError(f"{uri}: the footer counts {footer.metadata.num_rows} rows, "
                                         f"PostgreSQL exported {part.rows}")
-            if not footer.schema_arrow.equals(arrow_schema(columns), check_metadata=False):
-                raise VerificationError(f"{uri}: schema {footer.schema_arrow} differs from {arrow_schema(columns)}")
+            expected_schema = file_schema(columns, part.uuid_columns)
+            if not footer.schema_arrow.equals(expected_schema, check_metadata=False):
+                raise VerificationError(f"{uri}: schema {footer.schema_arrow} differs from {expected_schema}")
             rows, content, span = read_back(downloaded, part.table, columns)
         except (pa.ArrowException, OSError) as exc:
             raise VerificationError(f"{uri}: not a readable Parquet file: {exc}") from exc

@@ -12,10 +12,16 @@ scale, NaN or an infinite timestamp fails the conversion instead of being rounde
 from __future__ import annotations
 
 import io
+import queue
+import threading
+from contextlib import closing
 from typing import Iterator
+
+import numpy as np
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from psycopg import sql
 
@@ -34,43 +40,84 @@ class UnrepresentableValue(ValueError):
 
 
 class _CopyStream(io.RawIOBase):
-    """A running COPY ... TO STDOUT as a readable byte stream.
+    """A running COPY ... TO STDOUT as a readable byte stream, filled by a reader thread.
 
-    pyarrow reads a whole block per call: read(n) gathers COPY's small chunks up to n
-    bytes (RawIOBase's default would allocate n bytes for every few-kB chunk)."""
+    PostgreSQL sends one message per row, and reading them costs ~1 us each in Python:
+    a thread gathers them into blocks while pyarrow parses and writes the previous ones
+    (both release the GIL). At most `depth` blocks wait, so memory stays bounded.
+    """
 
-    def __init__(self, copy: psycopg.Copy) -> None:
+    def __init__(self, copy: psycopg.Copy, block: int = 4 * 1024 * 1024, depth: int = 4) -> None:
         self._copy = copy
+        self._block = block
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
         self._pending = b""
         self._done = False
+        self._thread = threading.Thread(target=self._fill, name="copy-reader", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            parts, size = [], 0
+            while not self._stop.is_set():
+                chunk = self._copy.read()
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= self._block:
+                    self._put(b"".join(parts))
+                    parts, size = [], 0
+            if parts:
+                self._put(b"".join(parts))
+            self._put(b"")
+        except BaseException as exc:  # handed to the reading thread
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _next(self) -> bytes:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not item:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        """Stop the reader thread (the COPY itself is ended by its context manager)."""
+        self._stop.set()
+        self._thread.join()
+        super().close()
 
     def readable(self) -> bool:
         return True
 
+    def empty(self) -> bool:
+        """True when COPY sent no data at all (pyarrow refuses an empty CSV)."""
+        if not self._pending and not self._done:
+            self._pending = self._next()
+        return not self._pending
+
     def read(self, size: int = -1) -> bytes:
-        chunks, have = [self._pending] if self._pending else [], len(self._pending)
+        chunks, have = ([self._pending] if self._pending else []), len(self._pending)
+        self._pending = b""
         while (size < 0 or have < size) and not self._done:
-            chunk = self._copy.read()
-            if not chunk:
-                self._done = True
-                break
-            chunks.append(bytes(chunk))
+            chunk = self._next()
+            chunks.append(chunk)
             have += len(chunk)
         data = b"".join(chunks)
         if size < 0 or len(data) <= size:
-            self._pending = b""
             return data
         self._pending = data[size:]
         return data[:size]
-
-    def empty(self) -> bool:
-        """True when COPY sent no data at all (pyarrow refuses an empty CSV)."""
-        while not self._pending and not self._done:
-            chunk = self._copy.read()
-            if not chunk:
-                self._done = True
-            self._pending = bytes(chunk)
-        return not self._pending
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
@@ -106,14 +153,13 @@ def copy_batches(
         target = target.append(pa.field(ROW_HASH, pa.int64(), nullable=False))
     copy_sql = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv)").format(query)  # values as sql.Literal: COPY binds none
     conn.execute("SET DateStyle = 'ISO, YMD'")
-    with conn.cursor().copy(copy_sql) as copy:
-        stream = _CopyStream(copy)
+    with conn.cursor().copy(copy_sql) as copy, closing(_CopyStream(copy)) as stream:
         if stream.empty():
             return
         try:
             reader = pcsv.open_csv(
                 stream,
-                read_options=pcsv.ReadOptions(column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
+                read_options=pcsv.ReadOptions(column_names=names, block_size=_BLOCK_BYTES, use_threads=True),
                 parse_options=pcsv.ParseOptions(newlines_in_values=True),
                 convert_options=pcsv.ConvertOptions(
                     column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False,
@@ -152,9 +198,80 @@ def find_unrepresentable(conn: psycopg.Connection, relation: str, columns: list[
     return None
 
 
+# -- UUID text stored as Parquet UUID -------------------------------------------------------------
+# A random UUID is 16 bytes of entropy; as 36 characters of text it costs ~21 bytes a row
+# even after zstd, most of an archived price row. So the row key "id", when every value of
+# a file is a canonical lowercase UUID (what Prisma and gen_random_uuid() produce), is
+# stored as Parquet's UUID type, and printed back to the identical text when read; any
+# other value keeps the whole file's column as text.
+
+UUID_COLUMNS = ("id",)
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NIBBLE = np.zeros(256, dtype=np.uint8)
+_NIBBLE[_HEX] = np.arange(16, dtype=np.uint8)
+_IS_HEX = np.zeros(256, dtype=bool)
+_IS_HEX[_HEX] = True  # lowercase only: uppercase text would not print back identically
+_DASH_AT = np.array([8, 13, 18, 23])
+_HEX_AT = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+
+
+def uuid_type() -> pa.DataType | None:
+    return pa.uuid() if hasattr(pa, "uuid") else None  # pyarrow >= 18
+
+
+def is_uuid(dtype: pa.DataType) -> bool:
+    return isinstance(dtype, pa.BaseExtensionType) and dtype.extension_name == "arrow.uuid"
+
+
+def uuids_from_text(values: pa.Array) -> pa.Array | None:
+    """Canonical UUID text as arrow.uuid, or None if any value is not one (or is null)."""
+    if uuid_type() is None or values.null_count:
+        return None
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    values = values.cast(pa.large_string())
+    n = len(values)
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + n + 1]
+    if n and not (np.diff(offsets) == 36).all():
+        return None
+    first = int(offsets[0]) if n else 0
+    text = (np.frombuffer(values.buffers()[2], dtype=np.uint8)[first:first + 36 * n].reshape(n, 36) if n
+            else np.zeros((0, 36), np.uint8))
+    if not (_IS_HEX[text[:, _HEX_AT]].all() and (text[:, _DASH_AT] == ord("-")).all()):
+        return None
+    nibbles = _NIBBLE[text[:, _HEX_AT]]
+    raw = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    storage = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(raw.tobytes())])
+    return pa.ExtensionArray.from_storage(uuid_type(), storage)
+
+
+def uuids_to_text(values: pa.Array) -> pa.Array:
+    """arrow.uuid values as their canonical lowercase text (nulls stay null)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    storage = values.storage if isinstance(values, pa.ExtensionArray) else values
+    n = len(storage)
+    raw = np.frombuffer(storage.buffers()[1], dtype=np.uint8)[16 * storage.offset:16 * (storage.offset + n)].reshape(n, 16)
+    text = np.full((n, 36), ord("-"), dtype=np.uint8)
+    text[:, _HEX_AT[0::2]] = _HEX[raw >> 4]
+    text[:, _HEX_AT[1::2]] = _HEX[raw & 15]
+    offsets = np.arange(n + 1, dtype=np.int32) * 36
+    printed = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(text.tobytes()))
+    if storage.null_count:
+        printed = pc.if_else(pc.is_valid(storage), printed, pa.scalar(None, pa.string()))
+    return printed
+
+
+def text_columns(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """The batch with every arrow.uuid column printed back to text."""
+    arrays = [uuids_to_text(col) if is_uuid(field.type) else col for field, col in zip(batch.schema, batch.columns)]
+    return pa.Table.from_arrays(arrays, names=batch.schema.names)
+
+
 def copy_in_csv(batch: pa.RecordBatch | pa.Table) -> bytes:
     """A batch as CSV that COPY ... FROM STDIN (FORMAT csv) reads back to the same values:
     every non-null value quoted, so an empty string stays distinct from NULL."""
+    batch = text_columns(batch)
     naive = []
     for field, column in zip(batch.schema, batch.columns):
         if pa.types.is_timestamp(field.type) and field.type.tz is not None:

@@ -229,8 +229,8 @@ def hash_text_extended(values: pa.Array, seeds: np.ndarray) -> np.ndarray:
     values = pc.fill_null(values.cast(pa.large_string()), "")
     lengths = pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
     blocks = lengths // 12
-    mixed = len(values) and blocks.min() != blocks.max()
-    if mixed and blocks.max() <= 8 and pc.all(pc.string_is_ascii(values)).as_py():
+    uneven = len(values) and lengths.min() != lengths.max()
+    if uneven and blocks.max() <= 8 and pc.all(pc.string_is_ascii(values)).as_py():
         return _hash_ascii(values, lengths, seeds)
     offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + len(values) + 1]
     data_buffer = values.buffers()[2]
@@ -281,6 +281,8 @@ def timestamp_micros(values: pa.Array) -> np.ndarray:
 
 def row_hashes(batch: pa.RecordBatch | pa.Table, kinds: dict[str, str]) -> np.ndarray:
     """The per-row hashes of `batch`, columns chained in the order of `kinds` (name -> kind)."""
+    from wedefi_pipelines.tiering.arrow_io import is_uuid, uuids_to_text
+
     n = batch.num_rows
     h = np.full(n, CHAIN_SEED, dtype=np.int64)
     for name, kind in kinds.items():
@@ -290,6 +292,8 @@ def row_hashes(batch: pa.RecordBatch | pa.Table, kinds: dict[str, str]) -> np.nd
         nulls = pc.is_null(column).to_numpy(zero_copy_only=False)
         seeds = np.where(nulls, h ^ np.int64(NULL_MARK), h)
         if kind == "text":
+            if is_uuid(column.type):  # stored as Parquet UUID: hashed as the text PostgreSQL holds
+                column = uuids_to_text(column)
             h = hash_text_extended(column, seeds)
         elif kind == "numeric":
             h = hash_text_extended(numeric_text(column), seeds)

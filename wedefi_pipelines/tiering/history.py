@@ -24,7 +24,7 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.tiering import state
-from wedefi_pipelines.tiering.arrow_io import read_table, select_sql
+from wedefi_pipelines.tiering.arrow_io import read_table, select_sql, text_columns
 from wedefi_pipelines.tiering.columns import archive_columns, arrow_schema
 
 TABLE = p.PRICE_SNAPSHOT
@@ -68,13 +68,14 @@ def price_history(db: Database, store: ArchiveStore, token_id: str, start: datet
     from_postgres = sum(t.num_rows for t in pieces)
     schema = arrow_schema(columns)
     if keys:
-        dataset = ds.dataset([f"{store.bucket}/{k}" for k in keys], format="parquet",
-                             filesystem=store.arrow_filesystem(), schema=schema)
+        filesystem = store.arrow_filesystem()
         utc = schema.field(TABLE.time_column).type
         expr = ((ds.field("tokenId") == token_id)
                 & (ds.field(TABLE.time_column) >= pa.scalar(start.replace(tzinfo=timezone.utc), utc))
                 & (ds.field(TABLE.time_column) < pa.scalar(end.replace(tzinfo=timezone.utc), utc)))
-        pieces.append(dataset.to_table(filter=expr))
-    merged = pa.concat_tables([t.cast(schema) for t in pieces]) if pieces else schema.empty_table()
+        for key in keys:  # one dataset per object: a month may store "id" as UUID, another as text
+            dataset = ds.dataset(f"{store.bucket}/{key}", format="parquet", filesystem=filesystem)
+            pieces.append(text_columns(dataset.to_table(filter=expr)))
+    merged = pa.concat_tables([t.select(schema.names).cast(schema) for t in pieces])
     merged = merged.take(pc.sort_indices(merged, sort_keys=[(c, "ascending") for c in ORDER]))
     return HistoryResult(merged, from_postgres, merged.num_rows - from_postgres, sorted(archived), route.server)
