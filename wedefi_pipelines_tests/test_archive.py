@@ -126,13 +126,18 @@ def test_late_rows_of_an_archived_month_become_its_next_verified_object(db, cold
         assert not month_ops.relation_exists(conn, p.child_name(p.PRICE_SNAPSHOT, month) + "_late")
 
 
-def test_a_value_parquet_cannot_hold_exactly_fails_naming_the_row_and_keeps_it(db, cold_price_month):
+@pytest.mark.parametrize("column, value, shown", [("priceUsd", "NaN", "NaN"), ("createdAt", "infinity", "infinity")])
+def test_a_value_parquet_cannot_hold_exactly_fails_naming_the_row_and_keeps_it(db, cold_price_month, column, value,
+                                                                              shown):
     month, rows = cold_price_month
     start = p.month_bounds(month)[0]
     with psycopg.connect(db.url) as conn:
-        conn.execute("""INSERT INTO "PriceSnapshot" (id, "tokenId", "priceUsd", source, "recordedAt")
-                        VALUES ('the-nan-row', 'tok-1', 'NaN', 'bad', %s)""", (start.replace(day=2, minute=1),))
-    with db.database() as database, pytest.raises(UnrepresentableValue, match="id=the-nan-row.*priceUsd.*NaN"):
+        values = {"id": "the-bad-row", "tokenId": "tok-1", "priceUsd": "1", "source": "bad",
+                  "recordedAt": start.replace(day=2, minute=1), column: value}
+        conn.execute(psycopg.sql.SQL('INSERT INTO "PriceSnapshot" ({}) VALUES ({})').format(
+            psycopg.sql.SQL(", ").join(map(psycopg.sql.Identifier, values)),
+            psycopg.sql.SQL(", ").join(psycopg.sql.Placeholder() * len(values))), list(values.values()))
+    with db.database() as database, pytest.raises(UnrepresentableValue, match=f"id=the-bad-row.*{column}.*{shown}"):
         Archiver(database, store_for(db)).archive_month("PriceSnapshot", month)
     with db.connect() as conn:  # frozen, nothing dropped or recorded
         frozen = p.child_name(p.PRICE_SNAPSHOT, month)

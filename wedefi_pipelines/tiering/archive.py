@@ -58,8 +58,9 @@ from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreError, 
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.settings import Settings
 from wedefi_pipelines.tiering.arrow_io import (ROW_HASH, UUID_COLUMNS, ExportConversionError, UnrepresentableValue,
-                                               copy_batches, find_unrepresentable, select_sql, uuid_type,
+                                               copy_batches_apart, find_unrepresentable, select_sql, uuid_type,
                                                uuids_from_text)
+from wedefi_pipelines.tiering.copy_out import CopyOutError
 from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql, row_hashes
 from wedefi_pipelines.tiering.locks import month_lock, set_lock_timeout, with_lock_retries
@@ -206,13 +207,15 @@ class _NotUuidAfterAll(Exception):
     """A later batch holds an id that is not a canonical UUID: export the file again as text."""
 
 
-def export_relation(conn: psycopg.Connection, table: p.RangeTable, month: date, relation: str,
+def export_relation(conn: psycopg.Connection, url: str, table: p.RangeTable, month: date, relation: str,
                     columns: list[ArchiveColumn], path: Path, settings: Settings,
                     try_uuid: bool = True) -> tuple[int, ContentHash, tuple, tuple[str, ...]]:
-    """Stream `relation` into a zstd Parquet file sorted by EXPORT_ORDER, in row groups of
+    """Stream `relation` (read by a helper process on `url`; `conn` is a connection to the
+    same server) into a zstd Parquet file sorted by EXPORT_ORDER, in row groups of
     `archive.row_group_rows`. Returns (rows, PostgreSQL's content hash, (min, max) time,
     the columns stored as UUID)."""
     query = select_sql(relation, columns, EXPORT_ORDER[table.name], row_hash_sql(hash_kinds(columns)))
+    prelude = [sql.SQL("SET work_mem = {}").format(sql.Literal(f"{settings.archive.export_work_mem_mb}MB"))]
     target_rows = settings.archive.row_group_rows
     candidates = [c.name for c in columns if c.name in UUID_COLUMNS and c.kind == "text"] if try_uuid else []
     total = ContentHash()
@@ -220,45 +223,43 @@ def export_relation(conn: psycopg.Connection, table: p.RangeTable, month: date, 
     writer = None
     uuid_columns: tuple[str, ...] = ()
     try:
-        with conn.transaction():
-            conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(f"{settings.archive.export_work_mem_mb}MB")))
-            pending: list[pa.Table] = []
-            pending_rows = 0
-            for batch in copy_batches(conn, query, columns, with_row_hash=True):
-                total = total + ContentHash.of(batch.column(ROW_HASH).to_numpy())
-                data = pa.Table.from_batches([batch.drop_columns([ROW_HASH])])
-                span = _widen(span, _time_range(batch, table.time_column))
-                if writer is None:
-                    uuid_columns = tuple(c for c in candidates if uuids_from_text(data.column(c).slice(0, 1000)) is not None)
-                    writer = parquet_writer(path, table, month, columns, settings, uuid_columns)
-                for name in uuid_columns:
-                    converted = uuids_from_text(data.column(name))
-                    if converted is None:
-                        raise _NotUuidAfterAll(name)
-                    data = data.set_column(data.schema.get_field_index(name), pa.field(name, uuid_type(), nullable=False),
-                                           converted)
-                pending.append(data)
-                pending_rows += data.num_rows
-                while pending_rows >= target_rows:
-                    merged = pa.concat_tables(pending).combine_chunks()
-                    writer.write_table(merged.slice(0, target_rows), row_group_size=target_rows)
-                    rest = merged.slice(target_rows)
-                    pending, pending_rows = [rest], rest.num_rows
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        for batch in copy_batches_apart(url, conn, query, columns, prelude, with_row_hash=True):
+            total = total + ContentHash.of(batch.column(ROW_HASH).to_numpy())
+            data = pa.Table.from_batches([batch.drop_columns([ROW_HASH])])
+            span = _widen(span, _time_range(batch, table.time_column))
             if writer is None:
-                writer = parquet_writer(path, table, month, columns, settings)
-            if pending_rows:
-                writer.write_table(pa.concat_tables(pending), row_group_size=target_rows)
-            writer.add_key_value_metadata({"wedefi.rows": str(total.count), "wedefi.content_hash": str(total.total),
-                                           "wedefi.hash_format": HASH_FORMAT})
-            writer.close()
+                uuid_columns = tuple(c for c in candidates if uuids_from_text(data.column(c).slice(0, 1000)) is not None)
+                writer = parquet_writer(path, table, month, columns, settings, uuid_columns)
+            for name in uuid_columns:
+                converted = uuids_from_text(data.column(name))
+                if converted is None:
+                    raise _NotUuidAfterAll(name)
+                data = data.set_column(data.schema.get_field_index(name), pa.field(name, uuid_type(), nullable=False),
+                                       converted)
+            pending.append(data)
+            pending_rows += data.num_rows
+            while pending_rows >= target_rows:
+                merged = pa.concat_tables(pending).combine_chunks()
+                writer.write_table(merged.slice(0, target_rows), row_group_size=target_rows)
+                rest = merged.slice(target_rows)
+                pending, pending_rows = [rest], rest.num_rows
+        if writer is None:
+            writer = parquet_writer(path, table, month, columns, settings)
+        if pending_rows:
+            writer.write_table(pa.concat_tables(pending), row_group_size=target_rows)
+        writer.add_key_value_metadata({"wedefi.rows": str(total.count), "wedefi.content_hash": str(total.total),
+                                       "wedefi.hash_format": HASH_FORMAT})
+        writer.close()
     except _NotUuidAfterAll:
+        writer.close()
+        return export_relation(conn, url, table, month, relation, columns, path, settings, try_uuid=False)
+    except (ExportConversionError, CopyOutError) as exc:
         if writer is not None:
             writer.close()
-        return export_relation(conn, table, month, relation, columns, path, settings, try_uuid=False)
-    except (ExportConversionError, psycopg.errors.DataError) as exc:
-        if writer is not None:
-            writer.close()
-        conn.rollback()
+        if isinstance(exc, CopyOutError) and not (exc.sqlstate or "").startswith("22"):
+            raise  # not about a value (a lost connection, a recovery conflict...): the caller decides
         with conn.transaction():
             culprit = find_unrepresentable(conn, relation, columns, ROW_KEY[table.name])
         if culprit:
@@ -415,8 +416,9 @@ class Archiver:
                 parts.append(Part(member, month, number, self.store.object_key(member.name, month, number), relation))
         return parts
 
-    def _open_export_source(self) -> tuple[psycopg.Connection, str]:
-        """The analytics replica once it has replayed the freeze, else the primary."""
+    def _open_export_source(self) -> tuple[psycopg.Connection, str, str]:
+        """The analytics replica once it has replayed the freeze, else the primary:
+        (a connection, its URL, a label)."""
         urls = self.db.urls
         if urls.get("analytics"):
             with psycopg.connect(urls["primary"], autocommit=True) as primary:
@@ -430,18 +432,18 @@ class Archiver:
                 deadline = time.monotonic() + self.settings.archive.replica_catchup_s
                 while True:
                     if replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
-                        replica.autocommit = False
-                        return replica, "analytics replica"
+                        return replica, urls["analytics"], "analytics replica"
                     if time.monotonic() > deadline:
                         self.log.warning("analytics replica has not replayed the freeze (%s) within %.0fs: "
                                          "exporting from the primary", lsn, self.settings.archive.replica_catchup_s)
                         replica.close()
                         break
                     time.sleep(0.05)
-        return psycopg.connect(urls["primary"], application_name="wedefi-pipelines:archive-export"), "primary"
+        return (psycopg.connect(urls["primary"], autocommit=True, application_name="wedefi-pipelines:archive-export"),
+                urls["primary"], "primary")
 
     def _export(self, parts: list[Part], workdir: Path) -> str:
-        source, label = self._open_export_source()
+        source, url, label = self._open_export_source()
         try:
             for part in parts:
                 columns = self._columns(part.table)
@@ -451,15 +453,16 @@ class Archiver:
                     continue
                 try:
                     part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
-                        source, part.table, part.month, part.relation, columns, part.path, self.settings)
-                except (psycopg.OperationalError, psycopg.errors.SerializationFailure) as exc:
+                        source, url, part.table, part.month, part.relation, columns, part.path, self.settings)
+                except CopyOutError as exc:
                     if label == "primary":
                         raise
                     self.log.warning("export from the analytics replica failed (%s): retrying on the primary", exc)
                     source.close()
-                    source, label = psycopg.connect(self.db.urls["primary"]), "primary"
+                    source = psycopg.connect(self.db.urls["primary"], autocommit=True)
+                    url, label = self.db.urls["primary"], "primary"
                     part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
-                        source, part.table, part.month, part.relation, columns, part.path, self.settings)
+                        source, url, part.table, part.month, part.relation, columns, part.path, self.settings)
                 part.min_time, part.max_time = span
                 self.log.info("%s %s: exported %d rows of %s to %s", part.table.name, p.month_year(part.month),
                               part.rows, part.relation, part.path.name)

@@ -12,9 +12,7 @@ scale, NaN or an infinite timestamp fails the conversion instead of being rounde
 from __future__ import annotations
 
 import io
-import queue
-import threading
-from contextlib import closing
+import subprocess
 from typing import Iterator
 
 import numpy as np
@@ -25,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from psycopg import sql
 
+from wedefi_pipelines.tiering import copy_out
 from wedefi_pipelines.tiering.columns import ArchiveColumn, arrow_schema
 
 ROW_HASH = "__row_hash"
@@ -40,78 +39,36 @@ class UnrepresentableValue(ValueError):
 
 
 class _CopyStream(io.RawIOBase):
-    """A running COPY ... TO STDOUT as a readable byte stream, filled by a reader thread.
+    """A running COPY ... TO STDOUT (in this process) as a readable byte stream, for small
+    reads; the archive's export reads through a helper process instead (copy_out)."""
 
-    PostgreSQL sends one message per row, and reading them costs ~1 us each in Python:
-    a thread gathers them into blocks while pyarrow parses and writes the previous ones
-    (both release the GIL). At most `depth` blocks wait, so memory stays bounded.
-    """
-
-    def __init__(self, copy: psycopg.Copy, block: int = 4 * 1024 * 1024, depth: int = 4) -> None:
+    def __init__(self, copy: psycopg.Copy) -> None:
         self._copy = copy
-        self._block = block
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         self._pending = b""
         self._done = False
-        self._thread = threading.Thread(target=self._fill, name="copy-reader", daemon=True)
-        self._thread.start()
-
-    def _fill(self) -> None:
-        try:
-            parts, size = [], 0
-            while not self._stop.is_set():
-                chunk = self._copy.read()
-                if not chunk:
-                    break
-                parts.append(chunk)
-                size += len(chunk)
-                if size >= self._block:
-                    self._put(b"".join(parts))
-                    parts, size = [], 0
-            if parts:
-                self._put(b"".join(parts))
-            self._put(b"")
-        except BaseException as exc:  # handed to the reading thread
-            self._put(exc)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _next(self) -> bytes:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        if not item:
-            self._done = True
-        return item
-
-    def close(self) -> None:
-        """Stop the reader thread (the COPY itself is ended by its context manager)."""
-        self._stop.set()
-        self._thread.join()
-        super().close()
 
     def readable(self) -> bool:
         return True
 
     def empty(self) -> bool:
         """True when COPY sent no data at all (pyarrow refuses an empty CSV)."""
-        if not self._pending and not self._done:
-            self._pending = self._next()
+        while not self._pending and not self._done:
+            chunk = self._copy.read()
+            if not chunk:
+                self._done = True
+            self._pending = bytes(chunk)
         return not self._pending
 
     def read(self, size: int = -1) -> bytes:
+        """Gather COPY's row-sized chunks up to `size` bytes: pyarrow asks for whole blocks."""
         chunks, have = ([self._pending] if self._pending else []), len(self._pending)
         self._pending = b""
         while (size < 0 or have < size) and not self._done:
-            chunk = self._next()
-            chunks.append(chunk)
+            chunk = self._copy.read()
+            if not chunk:
+                self._done = True
+                break
+            chunks.append(bytes(chunk))
             have += len(chunk)
         data = b"".join(chunks)
         if size < 0 or len(data) <= size:
@@ -139,37 +96,68 @@ def select_sql(relation: str, columns: list[ArchiveColumn], order_by: tuple[str,
     return query
 
 
+def _csv_batches(stream, columns: list[ArchiveColumn], with_row_hash: bool) -> Iterator[pa.RecordBatch]:
+    names = [c.name for c in columns] + ([ROW_HASH] if with_row_hash else [])
+    types = {c.name: c.csv_type for c in columns}
+    target = arrow_schema(columns)
+    if with_row_hash:
+        types[ROW_HASH] = pa.int64()
+        target = target.append(pa.field(ROW_HASH, pa.int64(), nullable=False))
+    try:
+        reader = pcsv.open_csv(
+            stream,
+            read_options=pcsv.ReadOptions(column_names=names, block_size=_BLOCK_BYTES, use_threads=True),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False,
+                null_values=[""], true_values=["t"], false_values=["f"],
+            ),
+        )
+        for batch in reader:
+            yield batch.cast(target)
+    except pa.ArrowInvalid as exc:
+        raise ExportConversionError(str(exc)) from exc
+
+
+def copy_sql(query: sql.Composable) -> sql.Composed:
+    return sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv)").format(query)  # values as sql.Literal: COPY binds none
+
+
 def copy_batches(
     conn: psycopg.Connection, query: sql.Composable, columns: list[ArchiveColumn], with_row_hash: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream the query's rows as record batches of the columns' exact Arrow types
-    (plus an int64 ROW_HASH column when `with_row_hash`)."""
-    names = [c.name for c in columns] + ([ROW_HASH] if with_row_hash else [])
-    types = {c.name: c.csv_type for c in columns}
-    if with_row_hash:
-        types[ROW_HASH] = pa.int64()
-    target = arrow_schema(columns)
-    if with_row_hash:
-        target = target.append(pa.field(ROW_HASH, pa.int64(), nullable=False))
-    copy_sql = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv)").format(query)  # values as sql.Literal: COPY binds none
+    """Stream the query's rows, read in this process, as record batches of the columns'
+    exact Arrow types (plus an int64 ROW_HASH column when `with_row_hash`)."""
     conn.execute("SET DateStyle = 'ISO, YMD'")
-    with conn.cursor().copy(copy_sql) as copy, closing(_CopyStream(copy)) as stream:
+    with conn.cursor().copy(copy_sql(query)) as copy:
+        stream = _CopyStream(copy)
         if stream.empty():
             return
+        yield from _csv_batches(stream, columns, with_row_hash)
+
+
+def copy_batches_apart(
+    url: str, conn: psycopg.Connection, query: sql.Composable, columns: list[ArchiveColumn],
+    prelude: list[sql.Composable], with_row_hash: bool = False,
+) -> Iterator[pa.RecordBatch]:
+    """The same, with the COPY read by a helper process on `url` (copy_out): for the
+    archive's big exports. `conn` (same server) only renders the SQL. A database error in
+    the helper raises copy_out.CopyOutError with its SQLSTATE."""
+    statements = [sql.SQL("SET DateStyle = 'ISO, YMD'").as_string(conn)] + [s.as_string(conn) for s in prelude]
+    proc = copy_out.start(url, statements, copy_sql(query).as_string(conn))
+    try:
+        if proc.stdout.peek(1):
+            yield from _csv_batches(proc.stdout, columns, with_row_hash)
+    except BaseException:
         try:
-            reader = pcsv.open_csv(
-                stream,
-                read_options=pcsv.ReadOptions(column_names=names, block_size=_BLOCK_BYTES, use_threads=True),
-                parse_options=pcsv.ParseOptions(newlines_in_values=True),
-                convert_options=pcsv.ConvertOptions(
-                    column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False,
-                    null_values=[""], true_values=["t"], false_values=["f"],
-                ),
-            )
-            for batch in reader:
-                yield batch.cast(target)
-        except pa.ArrowInvalid as exc:
-            raise ExportConversionError(str(exc)) from exc
+            failed = proc.wait(timeout=0.5) != 0  # a truncated stream: did the helper fail first?
+        except subprocess.TimeoutExpired:
+            failed = False
+        if failed:
+            copy_out.finish(proc)  # raises its error, which says why
+        copy_out.finish(proc, abandon=True)
+        raise
+    copy_out.finish(proc)
 
 
 def read_table(conn: psycopg.Connection, query: sql.Composable, columns: list[ArchiveColumn]) -> pa.Table:
