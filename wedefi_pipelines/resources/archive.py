@@ -19,7 +19,6 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
