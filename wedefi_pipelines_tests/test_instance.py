@@ -105,7 +105,7 @@ def test_root_dagster_yaml_settings(no_dagster_env, tmp_path):
         assert sensor_retention[TickStatus.SKIPPED] == 3 and sensor_retention[TickStatus.SUCCESS] == 30
         assert set(instance.get_tick_retention_settings(InstigatorType.SCHEDULE).values()) == {90}
         limits = {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()}
-        assert limits == {"wedefi_archive": 1, "wedefi_ddl": 1}
+        assert limits == {"wedefi_archive": 1, "wedefi_ddl": 1, "wedefi_warm": 1}
 
 
 # -- run retention (pure rule) --------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_cli_materialization_through_this_instance_is_stored_in_postgresql(db, d
         runs = dict(conn.execute("SELECT pipeline_name || ':' || status, run_id FROM runs").fetchall())
         pools = dict(conn.execute('SELECT concurrency_key, "limit" FROM concurrency_limits').fetchall())
     assert set(runs) == {"__ASSET_JOB:SUCCESS", "__ASSET_JOB:FAILURE"}
-    assert pools == {"wedefi_archive": 1, "wedefi_ddl": 1}
+    assert pools == {"wedefi_archive": 1, "wedefi_ddl": 1, "wedefi_warm": 1}
     good = _events(url, runs["__ASSET_JOB:SUCCESS"])
     assert ("ASSET_MATERIALIZATION", json.dumps(["database_schema"])) in good
     assert good[-1][0] == dg.DagsterEventType.RUN_SUCCESS.value  # stored as PIPELINE_SUCCESS
