@@ -63,7 +63,7 @@ from wedefi_pipelines.tiering.arrow_io import (ROW_HASH, UUID_COLUMNS, ExportCon
 from wedefi_pipelines.tiering.copy_out import CopyOutError
 from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql, row_hashes
-from wedefi_pipelines.tiering.locks import month_lock, set_lock_timeout, with_lock_retries
+from wedefi_pipelines.tiering.locks import hold_provisioning_locks, month_lock, set_lock_timeout, with_lock_retries
 from wedefi_pipelines.tiering.policy import EXPORT_ORDER, ROW_KEY, Tier, bounds_decide, classify, group_tables
 from wedefi_pipelines.tiering import state
 
@@ -377,6 +377,7 @@ class Archiver:
         def attempt() -> None:
             with self.db.connect("primary") as conn:
                 set_lock_timeout(conn, self.settings)
+                hold_provisioning_locks(conn, members)
                 for member in members:
                     if month_ops.is_attached(conn, member, month):
                         conn.execute(p.detach_child_sql(member, month))
@@ -544,6 +545,7 @@ class Archiver:
         def attempt() -> None:
             with self.db.connect("primary") as conn:
                 set_lock_timeout(conn, self.settings)
+                hold_provisioning_locks(conn, members)
                 for part in parts:
                     if part.relation is None:
                         continue

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, TypeVar
 import psycopg
 
 from wedefi_pipelines import partitioning as p
+from wedefi_pipelines.provisioning import table_lock_key
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.settings import Settings
 
@@ -100,3 +101,17 @@ def with_lock_retries(settings: Settings, what: str, attempt: Callable[[], T], l
 def set_lock_timeout(conn: psycopg.Connection, settings: Settings) -> None:
     conn.execute(psycopg.sql.SQL("SET LOCAL lock_timeout = {}").format(
         psycopg.sql.Literal(f"{settings.tiers.lock_timeout_ms}ms")))
+
+
+def hold_provisioning_locks(conn: psycopg.Connection, members: list[p.RangeTable]) -> None:
+    """Take provisioning's per-table transaction lock for every table of the group.
+
+    Detaching, dropping and re-attaching a month must not interleave with provisioning,
+    which reads "is this month archived?" and creates children under the same lock: without
+    it, a horizon run could create an empty child for a month whose archive just committed.
+    Provisioning holds one table's lock per transaction, and these are taken in name order,
+    so the two never deadlock.
+    """
+    for member in sorted(members, key=lambda m: m.name):
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (table_lock_key(member),))
+

@@ -31,7 +31,7 @@ from wedefi_pipelines.tiering import state
 from wedefi_pipelines.tiering.arrow_io import copy_in_csv
 from wedefi_pipelines.tiering.columns import archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql
-from wedefi_pipelines.tiering.locks import month_lock, set_lock_timeout, with_lock_retries
+from wedefi_pipelines.tiering.locks import hold_provisioning_locks, month_lock, set_lock_timeout, with_lock_retries
 from wedefi_pipelines.tiering.policy import group_tables
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def restore_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, 
         def attempt() -> None:
             with tempfile.TemporaryDirectory(prefix="wedefi-restore-") as tmp, db.connect("primary") as conn:
                 set_lock_timeout(conn, settings)
+                hold_provisioning_locks(conn, members)
                 for member in members:
                     meta = conn.execute(sql.SQL("SELECT record_count, content_hash FROM {} WHERE month_year = %s").format(
                         sql.Identifier(f"{member.name}_archive_metadata")), (month_year,)).fetchone()
