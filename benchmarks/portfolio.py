@@ -37,14 +37,19 @@ import psycopg
 from wedefi_pipelines import devstack, provisioning
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.ingest.balances import sync_balances
-from wedefi_pipelines.ingest.latest_prices import latest_prices_query
-from wedefi_pipelines.ingest.portfolio import capture_tick, provision_tick
+from wedefi_pipelines.ingest.latest_prices import LATEST_PRICE_TABLE, latest_prices_query, stage_latest_prices
+from wedefi_pipelines.ingest.portfolio import _WALLET_ROWS as WALLET_ROWS
+from wedefi_pipelines.ingest.portfolio import CHANGE_INTERVALS, capture_tick, provision_tick
 from wedefi_pipelines.ingest.prices import PriceChunk, load_prices, load_whole_month
 from wedefi_pipelines.ingest.reference import register_market
 from wedefi_pipelines.migrations import migrate
 from wedefi_pipelines.sources.synthetic import SOURCE, SyntheticMarket
 
 END = datetime(2025, 3, 1)  # prices end here; ticks follow
+# Sized like a modest production server rather than PostgreSQL's defaults (128 MB / 4 MB):
+# with the defaults, 100,000 wallets' 5,000,000 balances spill the aggregate to disk and
+# outgrow the buffer cache, which measures the defaults rather than the tick.
+SERVER_SETTINGS = {"shared_buffers": "'2GB'", "work_mem": "'64MB'", "maintenance_work_mem": "'512MB'"}
 LOOKBACK = timedelta(hours=48)
 BARE = """
 SELECT b."walletId", sum(b.quantity * lp."priceUsd"), count(*)
@@ -101,10 +106,28 @@ def measure(conn: psycopg.Connection, wallets: int, first_tick: datetime, repeat
     changes = conn.execute('SELECT count("totalUsdValueChange30d") FROM "PortfolioSnapshot" WHERE "capturedAt" = %s',
                            (tick,)).fetchone()[0]
     assert changes == wallets + 1, "the timed ticks must compute their changes"
-    result = {"wallets": wallets, "bare": statistics.median(bare), "tick": statistics.median(ticks)}
+    insert, triggers = fk_check_seconds(conn, first_tick + timedelta(minutes=5 * (repeat + 1)))
+    result = {"wallets": wallets, "bare": statistics.median(bare), "tick": statistics.median(ticks),
+              "insert": insert, "fk": triggers}
     if positions:
         result["positions"], result["position_rows"] = timed_tick(conn, first_tick, portfolio=False, positions=True)
     return result
+
+
+def fk_check_seconds(conn: psycopg.Connection, tick: datetime) -> tuple[float, float]:
+    """(INSERT of the tick's wallet rows, of which the per-row FK triggers on "walletId"),
+    from EXPLAIN ANALYZE of the real statement, rolled back: where the write overhead goes."""
+    conn.execute("BEGIN")
+    try:
+        stage_latest_prices(conn, tick, LOOKBACK)
+        names = {"tick": psycopg.sql.Literal(tick), "tick_text": psycopg.sql.Literal(tick.isoformat(sep=" ")),
+                 "latest": psycopg.sql.Identifier(LATEST_PRICE_TABLE)}
+        refs = {f"ref_{label}": psycopg.sql.Literal(tick - interval) for label, interval in CHANGE_INTERVALS}
+        plan = conn.execute(psycopg.sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) ") +
+                            psycopg.sql.SQL(WALLET_ROWS).format(**names, **refs)).fetchone()[0][0]
+    finally:
+        conn.execute("ROLLBACK")
+    return plan["Execution Time"] / 1000, sum(t["Time"] for t in plan.get("Triggers", [])) / 1000
 
 
 def setup_wallets(conn: psycopg.Connection, market: SyntheticMarket, tick: datetime) -> float:
@@ -123,6 +146,9 @@ def report(m: dict) -> None:
     positions = f"   positions {m['position_rows']:,} rows in {m['positions']:.2f} s" if "positions" in m else ""
     print(f"  {m['wallets']:>7,} wallets: bare SELECT {m['bare']:7.3f} s   tick {m['tick']:7.3f} s   "
           f"tick/bare {m['tick'] / m['bare']:.2f}x   {per_wallet:6.1f} us/wallet{positions}", flush=True)
+    print(f"           the wallet-rows INSERT under EXPLAIN ANALYZE: {m['insert']:.3f} s, of which the per-row FK "
+          f"checks on \"walletId\": {m['fk']:.3f} s; tick without them / bare: "
+          f"{(m['tick'] - m['fk']) / m['bare']:.2f}x", flush=True)
 
 
 def main() -> int:
@@ -144,7 +170,8 @@ def main() -> int:
 
     tick = END + timedelta(minutes=5)
     results = []
-    with devstack.LocalStack(pg_bin=args.pg_bin, replicas=(), with_s3=False, with_redis=False) as stack:
+    with devstack.LocalStack(pg_bin=args.pg_bin, replicas=(), with_s3=False, with_redis=False,
+                             extra_pg_settings=SERVER_SETTINGS) as stack:
         stack.create_database("bench_portfolio")
         url = stack.primary.url("bench_portfolio")
         migrate(url)

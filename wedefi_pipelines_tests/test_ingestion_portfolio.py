@@ -264,3 +264,18 @@ def test_seed_history_writes_every_snapshot_table_and_resumes(db_env):
     days = {e.materialization.partition for e in result.get_asset_materialization_events()
             if e.materialization.asset_key == dg.AssetKey("price_snapshots")}
     assert "2025-02-01" in days and "2025-03-03" in days
+
+
+def test_the_demo_walkthrough_ingests_through_the_assets(db_env):
+    from wedefi_pipelines.defs.ingestion import walkthrough
+    from wedefi_pipelines.ingest.report import rows_per_table
+
+    lines = []
+    now = datetime(2025, 3, 10, 12, 7)
+    out = walkthrough.recent_ingestion(days=2, ticks=2, scale=0.004, now=now, progress=lines.append)
+    assert out["price_snapshots"]["inserted"] == 2 * 2 * 24  # 2 tokens, hourly, 2025-03-09 and 2025-03-10
+    assert len(lines) == 4 and "positions_have_portfolio_rows passed" in lines[2]
+    with db_env.connect() as conn:
+        counts = rows_per_table(conn)
+    assert counts["PortfolioSnapshot"] == 2 * (40 + 1)
+    assert counts["AssetCorrelation"] == 2  # one pair, two timeframes

@@ -125,6 +125,12 @@ def day_numbers(start: datetime, end: datetime) -> list[int]:
     return list(range((first - _EPOCH).days, (last - _EPOCH).days + 1))
 
 
+def lock_days(conn: psycopg.Connection, start: datetime, end: datetime) -> None:
+    """Take the transaction-level lock of every UTC day in [start, end), in order (no deadlock)."""
+    for day in day_numbers(start, end):
+        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (DAY_LOCK, day))
+
+
 def _months(valid: pa.Table) -> Counter:
     if valid.num_rows == 0:
         return Counter()
@@ -264,8 +270,7 @@ def _load_chunk(conn, chunk: PriceChunk, events, result: PriceLoadResult, origin
                 into: str | None = None) -> None:
     """Load one chunk inside the caller's transaction; `into` names a bare table to COPY
     into directly (the whole-month path), else the direct or staged path is chosen."""
-    for day in day_numbers(chunk.start, chunk.end):
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (DAY_LOCK, day))
+    lock_days(conn, chunk.start, chunk.end)
     direct = into is not None or (chunk.may_go_direct and not _window_has_rows(conn, chunk))
     target = into or "PriceSnapshot"
     _create_stages(conn, staged=not direct)
@@ -339,6 +344,7 @@ def load_whole_month(
     events = prefetch(_prepare([PriceChunk(start, end, batches)], known, p.to_utc_naive(now)))
     try:
         with conn.transaction():
+            lock_days(conn, start, end)  # before the check: a concurrent load of the month waits here
             blocker = month_blocker(conn, month)
             if blocker:
                 raise MonthNotStageable(blocker)
