@@ -89,7 +89,10 @@ def test_a_lagging_replica_raises_one_alert_routes_reads_away_and_resolves_on_ca
         ticker.tick()
         [alert] = alerts(db_env)
         assert alert["status"] == "resolved" and alert["metadata"]["resolvedAt"]
-        assert database.replica_health("read").usable
+        # routing probes afresh (no cached verdict) and takes the caught-up replica back; the
+        # alert rows just written are WAL the replica still has to replay, hence the wait
+        wait_until(lambda: database.replica_health("read", max_age_s=0).usable, "routing to take the replica back")
+        assert database.route("portfolio_queries").server == "read"
 
 
 def test_a_stopped_replica_is_a_missing_replica_incident_of_its_own(db_env, stack, instance, health_settings,
