@@ -44,7 +44,8 @@ from wedefi_pipelines.tiering.report import format_tiers, month_tiers
 
 REPO = Path(__file__).resolve().parent.parent
 HISTORY_MONTHS = 14
-DEMO_SCALE = 0.02  # 10 of the settings' 500 tokens, 200 of its 10,000 wallets
+DEMO_LOG_LEVEL = "WARNING"
+
 
 
 class Progress:
@@ -106,7 +107,9 @@ def demo_instance(env: dict[str, str]):
 
 
 def materialize(assets, instance, resources, **kwargs) -> dg.ExecuteInProcessResult:
-    result = dg.materialize(assets, instance=instance, resources=resources, raise_on_error=False, **kwargs)
+    """Materialize through Dagster, its console log at WARNING: the demo prints its own progress."""
+    result = dg.materialize(assets, instance=instance, resources=resources, raise_on_error=False,
+                            run_config=walkthrough.console_log_level(DEMO_LOG_LEVEL), **kwargs)
     if not result.success:
         failures = [str(e.event_specific_data.error.message).strip() for e in result.all_events if e.is_step_failure]
         raise RuntimeError("materialization failed: " + " | ".join(failures))
@@ -140,7 +143,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_steps(args, progress: Progress, stack: devstack.LocalStack, env: dict, instance) -> None:
-    scale = DEMO_SCALE * args.scale
+    scale = walkthrough.DEMO_SCALE * args.scale
     resources = {**defs.resources, **walkthrough.demo_resources(scale)}
     now = datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -154,11 +157,13 @@ def _run_steps(args, progress: Progress, stack: devstack.LocalStack, env: dict, 
 
     with progress(f"seed_history: {HISTORY_MONTHS} months of synthetic history at scale {scale:g} "
                   "(whole months: bare table, indexes, ATTACH)"):
-        walkthrough.seed_history(months=HISTORY_MONTHS, scale=scale, end=now, instance=instance)
+        walkthrough.seed_history(months=HISTORY_MONTHS, scale=scale, end=now, instance=instance,
+                                 log_level=DEMO_LOG_LEVEL)
 
     with progress("ingestion: price_snapshots for the last 3 days, 3 ticks of token_balances, "
                   "portfolio_snapshots, position_snapshots, governance_locks, then asset_correlations"):
-        walkthrough.recent_ingestion(days=3, ticks=3, scale=scale, now=now, instance=instance, progress=say)
+        walkthrough.recent_ingestion(days=3, ticks=3, scale=scale, now=now, instance=instance, progress=say,
+                                     log_level=DEMO_LOG_LEVEL)
 
     database = DatabaseResource()
     with progress("tiering: warm_tier and cold_archive for exactly the months the daily schedule finds due"):

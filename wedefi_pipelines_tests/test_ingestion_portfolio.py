@@ -1,6 +1,7 @@
 """Balances, portfolio and position ticks, governance locks, correlations and seed_history
 on the real stack (PostgreSQL 18 and 15)."""
 
+import json
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -23,6 +24,7 @@ from wedefi_pipelines.ingest.governance import sync_governance_locks
 from wedefi_pipelines.ingest.portfolio import TickError, capture_tick, orphan_positions, provision_tick
 from wedefi_pipelines.ingest.prices import load_prices
 from wedefi_pipelines.ingest.reference import register_market
+from wedefi_pipelines.resources.cache import CacheResource, connect_redis
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.sources.resources import MarketResource
 from wedefi_pipelines.sources.synthetic import SyntheticMarket
@@ -202,7 +204,7 @@ def test_asset_correlations_are_read_back_by_the_seeds_risk_query(db_env, market
 # -- the assets, schedules and seed_history -----------------------------------------------------
 
 def _resources():
-    return {"database": DatabaseResource(), "market": MarketResource(**MARKET)}
+    return {"database": DatabaseResource(), "market": MarketResource(**MARKET), "cache": CacheResource()}
 
 
 def test_the_tick_assets_and_their_check(db_env, conn):
@@ -216,6 +218,20 @@ def test_the_tick_assets_and_their_check(db_env, conn):
     assert meta["portfolio_snapshots"]["capturedAt"].value == "2025-03-10 12:00:00"
     assert meta["position_snapshots"]["positions"].value > 0
     assert meta["token_balances"]["changed_wallets"].value == MARKET["wallets"]
+    # invalidation in the same run: every changed wallet's key holds the database's new answer
+    balances_cache = meta["token_balances"]["cache_invalidation"].value
+    governance_cache = meta["governance_locks"]["cache_invalidation"].value
+    assert (balances_cache["status"], balances_cache["portfolio_written"]) == ("refreshed", MARKET["wallets"])
+    assert governance_cache["status"] == "refreshed"
+    assert governance_cache["governance_written"] == meta["governance_locks"]["changed_wallets"].value > 0
+    client = connect_redis(db_env.env["REDIS_URL"])
+    wallet, total, tracked = conn.execute("""SELECT "walletId", trim_scale(sum(coalesce("usdValue", 0)))::text, count(*)
+                                               FROM "TokenBalance" GROUP BY 1 ORDER BY 1 LIMIT 1""").fetchone()
+    value = json.loads(client.get(f"portfolio:{wallet}"))
+    assert value["data"]["totals"] == {"usdValue": total, "tokensTracked": tracked}
+    assert 0 < client.ttl(f"portfolio:{wallet}") <= 300
+    [locked] = conn.execute('SELECT "walletId" FROM "GovernanceLock" ORDER BY 1 LIMIT 1').fetchone()
+    assert 300 < client.ttl(f"governance:{locked}") <= 1800
     check = result.get_asset_check_evaluations()[0]
     assert check.passed
     conn.execute("""INSERT INTO "PositionSnapshot" ("portfolioSnapshotId", "tokenId", "walletId", quantity,

@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from wedefi_pipelines.cache.invalidation import invalidate_wallets
 from wedefi_pipelines.defs.time_partitions import daily_partitions
 from wedefi_pipelines.ingest import correlations, price_sources
 from wedefi_pipelines.ingest.balances import sync_balances
@@ -13,6 +14,7 @@ from wedefi_pipelines.ingest.governance import sync_governance_locks
 from wedefi_pipelines.ingest.portfolio import capture_tick, parse_utc, provision_tick, resolve_tick
 from wedefi_pipelines.ingest.prices import load_prices
 from wedefi_pipelines.ingest.reference import register_market
+from wedefi_pipelines.resources.cache import CacheResource
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 from wedefi_pipelines.sources.resources import MarketResource, PriceSourceResource
@@ -103,7 +105,7 @@ class TickConfig(dg.Config):
 
 @dg.asset(deps=["price_snapshots"], kinds={"postgres"}, group_name="ingestion")
 def token_balances(context: dg.AssetExecutionContext, config: TickConfig, database: DatabaseResource,
-                   market: MarketResource) -> dg.MaterializeResult:
+                   market: MarketResource, cache: CacheResource) -> dg.MaterializeResult:
     """Every wallet's token balances ("TokenBalance", hash-partitioned by wallet), with their
     USD value at the latest price; what the app's portfolio pages read. Synced in bulk on
     the primary; unchanged rows are not rewritten. The changed wallets are the cache's
@@ -113,8 +115,10 @@ def token_balances(context: dg.AssetExecutionContext, config: TickConfig, databa
     with database.db.connection("balance_sync") as conn:
         register_market(conn, source)
         result = sync_balances(conn, source.balances(at), at, _lookback())
-    # cache invalidation hook (issue 6): result.changed_wallet_ids are the wallets to refresh
-    return dg.MaterializeResult(metadata={**result.metadata(), "dagster/row_count": result.changed})
+    invalidation = invalidate_wallets(cache, database, result.changed_wallet_ids, families=["portfolio"],
+                                      logger=context.log)
+    return dg.MaterializeResult(metadata={**result.metadata(), "dagster/row_count": result.changed,
+                                          "cache_invalidation": invalidation})
 
 
 @dg.multi_asset(
@@ -159,7 +163,7 @@ def portfolio_tick(context: dg.AssetExecutionContext, config: TickConfig, databa
 
 @dg.asset(kinds={"postgres"}, group_name="ingestion")
 def governance_locks(context: dg.AssetExecutionContext, config: TickConfig, database: DatabaseResource,
-                     market: MarketResource) -> dg.MaterializeResult:
+                     market: MarketResource, cache: CacheResource) -> dg.MaterializeResult:
     """Vote-escrow locks per wallet and protocol ("GovernanceLock"): amount, voting power,
     boost, lock end; the app's governance page (cached 30 minutes). Unchanged locks are not
     rewritten; the changed wallets are the cache's invalidation set."""
@@ -168,8 +172,10 @@ def governance_locks(context: dg.AssetExecutionContext, config: TickConfig, data
     with database.db.autocommit("primary") as conn:
         register_market(conn, source)
         result = sync_governance_locks(conn, source.governance_locks(at), at)
-    # cache invalidation hook (issue 6): result.changed_wallet_ids are the wallets to refresh
-    return dg.MaterializeResult(metadata={**result.metadata(), "dagster/row_count": result.changed})
+    invalidation = invalidate_wallets(cache, database, result.changed_wallet_ids, families=["governance"],
+                                      logger=context.log)
+    return dg.MaterializeResult(metadata={**result.metadata(), "dagster/row_count": result.changed,
+                                          "cache_invalidation": invalidation})
 
 
 class CorrelationsConfig(dg.Config):
