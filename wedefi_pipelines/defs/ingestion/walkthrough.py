@@ -81,8 +81,9 @@ def recent_ingestion(days: int = 3, ticks: int = 3, scale: float = DEMO_SCALE, n
                             run_config=console_log_level(log_level), tags={
         "dagster/asset_partition_range_start": first_day, "dagster/asset_partition_range_end": now.date().isoformat()})
     keep(result)
-    progress(f"price_snapshots {first_day}..{now.date()}: {out['price_snapshots']['inserted']} rows, "
-             f"{out['price_snapshots']['rejected']} rejected")
+    prices = out["price_snapshots"]
+    progress(f"price_snapshots {first_day}..{now.date()}: {prices['inserted']} rows inserted, "
+             f"{prices['already_present']} already present (a re-run changes nothing), {prices['rejected']} rejected")
     last = truncate_to_tick(now, current_settings().ingestion.portfolio_tick_minutes)
     for i in range(ticks - 1, -1, -1):
         tick = (last - timedelta(minutes=5 * i)).isoformat()
