@@ -36,6 +36,7 @@ from wedefi_pipelines.defs.tiering.assets import cold_archive, warm_tier
 from wedefi_pipelines.defs.tiering.schedules import tiering_requests
 from wedefi_pipelines.health.monitor import health_lines
 from wedefi_pipelines.ingest.report import format_rows
+from wedefi_pipelines.instance import instance_environment
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
 from wedefi_pipelines.resources.database import Database, DatabaseResource
@@ -92,17 +93,10 @@ def demo_instance(env: dict[str, str]):
     """A Dagster instance on the stack's `dagster` database, configured by this repo's dagster.yaml."""
     home = Path(tempfile.mkdtemp(prefix="wedefi-demo-dagster-home-"))
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    previous = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "DAGSTER_PG_URL")}
-    os.environ.update({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": env["DAGSTER_PG_URL"]})
     try:
-        with dg.DagsterInstance.get() as instance:
+        with instance_environment(home, env["DAGSTER_PG_URL"]), dg.DagsterInstance.get() as instance:
             yield instance
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         shutil.rmtree(home, ignore_errors=True)
 
 

@@ -35,7 +35,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -57,6 +58,22 @@ log = logging.getLogger("dagster")
 
 class DagsterStorageConfigError(RuntimeError):
     pass
+
+
+@contextmanager
+def instance_environment(home: str | os.PathLike, pg_url: str) -> Iterator[None]:
+    """DAGSTER_HOME and DAGSTER_PG_URL set for the block, then put back as they were: how
+    a process (the demo, a test harness) opens an instance on this dagster.yaml."""
+    saved = {key: os.environ.get(key) for key in ("DAGSTER_HOME", "DAGSTER_PG_URL")}
+    os.environ.update({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": pg_url})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def instance_postgres_url() -> str | None:

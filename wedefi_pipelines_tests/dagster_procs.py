@@ -37,6 +37,7 @@ from dagster import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from psycopg import sql
 
+from wedefi_pipelines.instance import instance_environment
 from wedefi_pipelines_tests.conftest import _selected_flavors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,17 +260,8 @@ def _create_storage(home: Path, url: str) -> None:
     """Creates the storage's tables and pool limits once, before processes start at once:
     two processes creating them together on an empty database race (a daemon started
     while `dagster-daemon liveness-check` runs dies on a duplicate concurrency_limits key)."""
-    saved = {key: os.environ.get(key) for key in ("DAGSTER_HOME", "DAGSTER_PG_URL")}
-    os.environ.update({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": url})
-    try:
-        with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))):
-            pass
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with instance_environment(home, url), DagsterInstance.from_ref(InstanceRef.from_dir(str(home))):
+        pass
 
 
 @contextmanager
