@@ -30,7 +30,7 @@ from wedefi_pipelines.definitions import defs
 from wedefi_pipelines.defs.cache import redis_cache
 from wedefi_pipelines.defs.health.assets import index_usage_report, slow_query_report
 from wedefi_pipelines.defs.ingestion import walkthrough
-from wedefi_pipelines.defs.provisioning.assets import partition_horizon
+from wedefi_pipelines.defs.provisioning.assets import partition_horizon, table_partitions
 from wedefi_pipelines.defs.schema import database_schema
 from wedefi_pipelines.defs.tiering.assets import cold_archive, warm_tier
 from wedefi_pipelines.defs.tiering.schedules import tiering_requests
@@ -153,6 +153,17 @@ def _run_steps(args, progress: Progress, stack: devstack.LocalStack, env: dict, 
                   "(whole months: bare table, indexes, ATTACH)"):
         walkthrough.seed_history(months=HISTORY_MONTHS, scale=scale, end=now, instance=instance,
                                  log_level=DEMO_LOG_LEVEL)
+
+    first = p.add_months(p.month_of(now), -(HISTORY_MONTHS - 1))
+    last = p.add_months(p.month_of(now), 6)
+    with progress(f"table_partitions: a single-run backfill {p.month_year(first)}..{p.month_year(last)}, "
+                  "as the UI launches it (every month already exists: verified, nothing created)"):
+        result = materialize([table_partitions], instance, resources, tags={
+            "dagster/asset_partition_range_start": p.partition_key(first),
+            "dagster/asset_partition_range_end": p.partition_key(last)})
+        meta = metadata_of(result, "table_partitions")
+        say(f"months {meta['months']}: {meta['months_created']} created, "
+            f"{meta['rows_moved_from_default']} rows moved from default partitions")
 
     with progress("ingestion: price_snapshots for the last 3 days, 3 ticks of token_balances, "
                   "portfolio_snapshots, position_snapshots, governance_locks, then asset_correlations"):
