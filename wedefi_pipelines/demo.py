@@ -218,7 +218,8 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
             history = price_history(db, store, token[0], start, end)
             print(f"cross-tier read: {token[1]} from {start:%Y-%m-%d} to {end:%Y-%m-%d} "
                   f"(`wedefi-pipelines history --token {token[0]} --start {start:%Y-%m-%d} --end {end:%Y-%m-%d}`)")
-            say(f"{history.rows.num_rows} rows: {history.from_archive} from S3 ({', '.join(p.month_year(m) for m in history.archived_months)}), "
+            months = ", ".join(p.month_year(m) for m in history.archived_months)
+            say(f"{history.rows.num_rows} rows: {history.from_archive} from S3 ({months}), "
                 f"{history.from_postgres} from PostgreSQL ({history.server})")
     client = connect_redis(env["REDIS_URL"])
     counts = count_keys(client)

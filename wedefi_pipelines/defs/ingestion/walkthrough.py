@@ -83,7 +83,7 @@ def recent_ingestion(days: int = 3, ticks: int = 3, scale: float = DEMO_SCALE, n
     keep(result)
     prices = out["price_snapshots"]
     progress(f"price_snapshots {first_day}..{now.date()}: {prices['inserted']} rows inserted, "
-             f"{prices['already_present']} already present (loads are idempotent: seed_history wrote these days), {prices['rejected']} rejected")
+             f"{prices['already_present']} already present (never written twice), {prices['rejected']} rejected")
     last = truncate_to_tick(now, current_settings().ingestion.portfolio_tick_minutes)
     for i in range(ticks - 1, -1, -1):
         tick = (last - timedelta(minutes=5 * i)).isoformat()
