@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
 from wedefi_pipelines import devstack
 from wedefi_pipelines.tiering.history_cli import add_history_parser
@@ -31,15 +29,6 @@ def _stack_from(args: argparse.Namespace) -> devstack.LocalStack:
     return devstack.LocalStack(pg_bin=args.pg_bin, replicas=replicas)
 
 
-def wait_until_interrupted() -> None:
-    """Block the main thread until SIGINT or SIGTERM (the S3 server lives in this process)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1):
-        pass
-
-
 def cmd_stack(args: argparse.Namespace) -> int:
     with _stack_from(args) as stack:
         print(f"# embedded stack up in {stack.started_in:.1f}s; Ctrl-C stops it and removes its data")
@@ -49,7 +38,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
             migrate(stack.primary.url())
             print("# schema applied", flush=True)
-        wait_until_interrupted()
+        devstack.wait_until_interrupted()
     return 0
 
 

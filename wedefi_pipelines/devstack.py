@@ -43,11 +43,21 @@ READ_REPLICA = "wedefi_read"
 ANALYTICS_REPLICA = "wedefi_analytics"
 
 
+def wait_until_interrupted() -> None:
+    """Block the main thread until SIGINT or SIGTERM: a stack kept up (`stack`, `demo --keep`)
+    stays in the foreground, because its S3 server lives in this process."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+
+
 def stack_root() -> Path:
     """Where data directories go: $WEDEFI_STACK_DIR, else tmpfs /dev/shm when it has room, else /tmp.
 
-    On this kind of VM, file creation on the ext4 root costs ~1 ms per file (cp of a fresh
-    cluster: 1.3 s on /tmp, 0.09 s on /dev/shm), which dominated the stack's start-up.
+    File creation on tmpfs is far cheaper than on this kind of VM's ext4 root, and a fresh
+    cluster is thousands of files (README, "Development").
     """
     configured = os.environ.get("WEDEFI_STACK_DIR")
     if configured:

@@ -17,11 +17,12 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from wedefi_pipelines import locks
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "wedefi_schema_migrations"
-# pg_advisory_lock key: the first 8 bytes of sha256("wedefi_pipelines.migrations"), signed
-ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"wedefi_pipelines.migrations").digest()[:8], "big", signed=True)
+ADVISORY_LOCK_KEY = locks.advisory_key("migrations")[0]
 _FILENAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
@@ -72,7 +73,7 @@ def migrate(conninfo: str, sql_dir: Path | None = None) -> MigrationResult:
     migrations = discover(sql_dir)
     result = MigrationResult(applied=[], already_applied=[])
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))  # waits: runners take turns
         try:
             conn.execute(
                 sql.SQL(
@@ -111,5 +112,5 @@ def migrate(conninfo: str, sql_dir: Path | None = None) -> MigrationResult:
                 log.info("applied %s", migration.path.name)
                 result.applied.append(migration.path.name)
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+            locks.session_unlock(conn, "migrations")
     return result

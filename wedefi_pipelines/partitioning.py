@@ -7,6 +7,8 @@ provisioning, ingestion, tiering and restore code agree on them:
     "PriceSnapshot_2025_01"               monthly child
     "PortfolioSnapshot_2025_01_part_0"    hash sub-partition of a monthly child
     "PriceSnapshot_default"               default partition
+    "PriceSnapshot_2025_01_late"          late rows frozen by an unfinished archive run
+    "PriceSnapshot_archive_metadata"      the cold tier's month rows (and "_archive_objects")
     2025-01-01                            Dagster monthly partition key
     2025-01                               archive metadata month_year
     year=2025/month=01                    S3 key segment
@@ -15,7 +17,7 @@ provisioning, ingestion, tiering and restore code agree on them:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 
 from psycopg import sql
 
@@ -35,12 +37,47 @@ class ChildIndex:
 
 
 @dataclass(frozen=True)
+class WarmLayout:
+    """How a warm child is laid out: rows rewritten in `order` (the warm workload reads one
+    token's or one wallet's history), BRIN over `brin` (columns that correlate with that
+    order: a range of pages then holds one key's consecutive times), and the per-child
+    btrees in `replaces` dropped, because that order makes them redundant."""
+
+    order: tuple[str, ...]
+    brin: tuple[str, ...]
+    replaces: tuple[str, ...]
+    pages_per_range: int = 16
+    sample_key: str = ""  # the column the representative warm query filters on
+
+    def brin_name(self, table: "RangeTable", month: date) -> str:
+        name = f"{child_name(table, month)}_{'_'.join(self.brin)}_brin"
+        if len(name.encode()) > 63:
+            raise ValueError(f"index name {name!r} is longer than 63 bytes")
+        return name
+
+
+# A warm child's table comment starts with WARM_COMMENT; it contains VACUUMED once the
+# conversion's last step (VACUUM (FREEZE, ANALYZE)) finished.
+WARM_COMMENT = "wedefi warm tier"
+VACUUMED = "vacuumed"
+
+
+@dataclass(frozen=True)
 class RangeTable:
-    """A table range-partitioned by month on `time_column`."""
+    """A table range-partitioned by month on `time_column`.
+
+    `export_order` is the archive's sort: the warm order, then a tie-breaker where the
+    warm order has ties (not a total order on purpose: nothing needs a byte-identical
+    file, the content hash does not depend on row order). `row_key` identifies a row in
+    error messages.
+    """
 
     name: str
     time_column: str
     child_indexes: tuple[ChildIndex, ...]
+    warm: WarmLayout
+    export_order: tuple[str, ...]
+    row_key: tuple[str, ...]
     hash_column: str | None = None
     hash_modulus: int = 0
     # tables archived and restored as one unit share an archive group
@@ -67,6 +104,10 @@ PRICE_SNAPSHOT = RangeTable(
         # the app's lookups exactly as the app's own index does.
         ChildIndex("tokenId_recordedAt_source_key", ("tokenId", "recordedAt", "source"), unique=True),
     ),
+    warm=WarmLayout(order=("tokenId", "recordedAt"), brin=("tokenId", "recordedAt"),
+                    replaces=("tokenId_recordedAt_source_key",), sample_key="tokenId"),
+    export_order=("tokenId", "recordedAt", "source"),
+    row_key=("id", "recordedAt"),
 )
 PORTFOLIO_SNAPSHOT = RangeTable(
     name="PortfolioSnapshot",
@@ -78,6 +119,10 @@ PORTFOLIO_SNAPSHOT = RangeTable(
         ChildIndex("walletId_capturedAt_idx", ("walletId", "capturedAt")),
         ChildIndex("capturedAt_idx", ("capturedAt",)),
     ),
+    warm=WarmLayout(order=("walletId", "capturedAt"), brin=("walletId", "capturedAt"),
+                    replaces=("walletId_capturedAt_idx",), sample_key="walletId"),
+    export_order=("walletId", "capturedAt"),
+    row_key=("id", "capturedAt", "walletId"),
 )
 POSITION_SNAPSHOT = RangeTable(
     name="PositionSnapshot",
@@ -88,13 +133,19 @@ POSITION_SNAPSHOT = RangeTable(
         ChildIndex("tokenId_idx", ("tokenId",)),
         ChildIndex("walletId_idx", ("walletId",)),
     ),
+    warm=WarmLayout(order=("walletId", "capturedAt"), brin=("walletId", "capturedAt"),
+                    replaces=("walletId_idx",), sample_key="walletId"),
+    export_order=("walletId", "capturedAt", "tokenId"),
+    row_key=("id", "capturedAt"),
 )
 RANGE_TABLES: tuple[RangeTable, ...] = (PRICE_SNAPSHOT, PORTFOLIO_SNAPSHOT, POSITION_SNAPSHOT)
 RANGE_TABLES_BY_NAME = {t.name: t for t in RANGE_TABLES}
 TOKEN_BALANCE = HashTable(name="TokenBalance", hash_column="walletId", modulus=8)
 
 
-def range_table(name: str) -> RangeTable:
+def range_table(name: "str | RangeTable") -> RangeTable:
+    if isinstance(name, RangeTable):
+        return name
     try:
         return RANGE_TABLES_BY_NAME[name]
     except KeyError:
@@ -191,6 +242,25 @@ def default_name(table: RangeTable | str) -> str:
     return f"{name}_default"
 
 
+def late_name(table: RangeTable | str, month: date) -> str:
+    """Where an archive run freezes the month's late rows (moved out of the default partition)."""
+    return f"{child_name(table, month)}_late"
+
+
+def archive_metadata_name(table: RangeTable | str) -> str:
+    """The seed's "<Table>_archive_metadata": one row per archived month."""
+    return f"{table if isinstance(table, str) else table.name}_archive_metadata"
+
+
+def archive_objects_name(table: RangeTable | str) -> str:
+    """"<Table>_archive_objects": one row per verified Parquet object of a month."""
+    return f"{table if isinstance(table, str) else table.name}_archive_objects"
+
+
+def hash_partition_name(table: HashTable, remainder: int) -> str:
+    return f"{table.name}_part_{remainder}"
+
+
 def leaf_names(table: RangeTable, month: date) -> list[str]:
     """The tables that hold the month's rows: the child, or its hash sub-partitions."""
     if table.hash_column:
@@ -224,33 +294,49 @@ def _bound(moment: datetime) -> sql.Literal:
     return sql.Literal(moment.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def hash_partition_sql(relation: str, parent: str, modulus: int, remainder: int) -> sql.Composed:
+    """The one builder of a hash partition (a monthly child's sub-partition, or TokenBalance's)."""
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {sub} PARTITION OF {parent} FOR VALUES WITH (MODULUS {m}, REMAINDER {r})"
+                   ).format(sub=sql.Identifier(relation), parent=sql.Identifier(parent),
+                            m=sql.Literal(modulus), r=sql.Literal(remainder))
+
+
+def subpartitions_sql(table: RangeTable, month: date) -> list[sql.Composed]:
+    """The month's hash sub-partitions (none for a table without a hash column)."""
+    return [hash_partition_sql(subpartition_name(table, month, r), child_name(table, month), table.hash_modulus, r)
+            for r in range(table.hash_modulus if table.hash_column else 0)]
+
+
+def _partition_by_hash(table: RangeTable) -> sql.Composable:
+    return (sql.SQL(" PARTITION BY HASH ({})").format(sql.Identifier(table.hash_column)) if table.hash_column
+            else sql.SQL(""))
+
+
 def create_child_sql(table: RangeTable, month: date) -> list[sql.Composed]:
     """DDL that creates the month's child, its hash sub-partitions and its per-child indexes.
 
     Every statement is idempotent (IF NOT EXISTS), so a crashed provisioning re-runs cleanly.
     """
     start, end = month_bounds(month)
-    child = child_name(table, month)
-    statements = []
     create = sql.SQL("CREATE TABLE IF NOT EXISTS {child} PARTITION OF {parent} FOR VALUES FROM ({start}) TO ({end})").format(
-        child=sql.Identifier(child), parent=sql.Identifier(table.name), start=_bound(start), end=_bound(end)
-    )
-    if table.hash_column:
-        create += sql.SQL(" PARTITION BY HASH ({})").format(sql.Identifier(table.hash_column))
-    statements.append(create)
-    for remainder in range(table.hash_modulus if table.hash_column else 0):
-        statements.append(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {sub} PARTITION OF {child} FOR VALUES WITH (MODULUS {m}, REMAINDER {r})"
-            ).format(
-                sub=sql.Identifier(subpartition_name(table, month, remainder)),
-                child=sql.Identifier(child),
-                m=sql.Literal(table.hash_modulus),
-                r=sql.Literal(remainder),
-            )
-        )
-    statements.extend(create_child_indexes_sql(table, month))
-    return statements
+        child=sql.Identifier(child_name(table, month)), parent=sql.Identifier(table.name),
+        start=_bound(start), end=_bound(end)) + _partition_by_hash(table)
+    return [create, *subpartitions_sql(table, month), *create_child_indexes_sql(table, month)]
+
+
+def create_bare_child_sql(table: RangeTable, month: date) -> list[sql.Composed]:
+    """A standalone table shaped like the parent and named like the month's child (hash
+    sub-partitions included), with no index: loaded first, indexed and attached after.
+    Not idempotent on purpose: a name already taken is an error."""
+    create = sql.SQL("CREATE TABLE {child} (LIKE {parent} INCLUDING DEFAULTS)").format(
+        child=sql.Identifier(child_name(table, month)), parent=sql.Identifier(table.name)) + _partition_by_hash(table)
+    return [create, *subpartitions_sql(table, month)]
+
+
+def create_like_sql(relation: str, table: RangeTable) -> sql.Composed:
+    """A plain table shaped like the parent (a late-row freezer), if it does not exist."""
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+        sql.Identifier(relation), sql.Identifier(table.name))
 
 
 def create_child_indexes_sql(table: RangeTable, month: date, target: str | None = None) -> list[sql.Composed]:
@@ -306,6 +392,10 @@ def detach_child_sql(table: RangeTable, month: date) -> sql.Composed:
     )
 
 
+def drop_table_sql(relation: str) -> sql.Composed:
+    return sql.SQL("DROP TABLE {}").format(sql.Identifier(relation))
+
+
 def time_window_sql(table: RangeTable, month: date) -> sql.Composed:
     """`"col" >= start AND "col" < end` for the month, to filter a parent or the default."""
     start, end = month_bounds(month)
@@ -319,7 +409,3 @@ def horizon_months(today: date | datetime, ahead: int) -> list[date]:
     current = month_of(today)
     return [add_months(current, i) for i in range(ahead + 1)]
 
-
-def day_bounds(day: date) -> tuple[datetime, datetime]:
-    start = datetime(day.year, day.month, day.day)
-    return start, start + timedelta(days=1)

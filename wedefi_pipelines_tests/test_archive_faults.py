@@ -13,16 +13,20 @@ from wedefi_pipelines import month_ops
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStoreError
 from wedefi_pipelines.settings import Settings
-from wedefi_pipelines.tiering.archive import FAULT_ENV, Archiver, VerificationError
+from wedefi_pipelines.tiering.archive import Archiver, VerificationError
+from wedefi_pipelines_tests.slow_archive_defs import PAUSE_ENV
 from wedefi_pipelines_tests.test_tiering_support import (CuttingProxy, assert_nothing_lost, load_prices,
                                                          metadata_rows, month_content, months_ago, object_rows,
                                                          seed_reference, store_for)
 
 REPO = Path(__file__).resolve().parent.parent
-RUNNER = ("import sys; from datetime import date; from wedefi_pipelines.resources.database import Database; "
+# Archives argv[1]'s month argv[2] and kills itself (SIGKILL) right after step argv[3].
+RUNNER = ("import os, signal, sys; from datetime import date; from wedefi_pipelines.resources.database import Database; "
           "from wedefi_pipelines.resources.archive import ArchiveStore; "
           "from wedefi_pipelines.tiering.archive import archive_month; "
-          "archive_month(Database.from_env(), ArchiveStore.from_env(), sys.argv[1], date.fromisoformat(sys.argv[2]))")
+          "kill = lambda step, parts: os.kill(os.getpid(), signal.SIGKILL) if step == sys.argv[3] else None; "
+          "archive_month(Database.from_env(), ArchiveStore.from_env(), sys.argv[1], date.fromisoformat(sys.argv[2]), "
+          "on_step=kill)")
 
 
 @pytest.fixture
@@ -95,8 +99,8 @@ def test_a_run_killed_after_any_step_is_completed_by_a_rerun(db, cold_month, tmp
     written but the DROP is not (one transaction: the kill rolls the metadata back)."""
     month, original = cold_month
     store = store_for(db)
-    env = {**os.environ, **db.env, "ARCHIVE_PREFIX": f"t/{db.name}", FAULT_ENV: f"{step}:kill"}
-    killed = subprocess.run([sys.executable, "-c", RUNNER, "PriceSnapshot", month.isoformat()], env=env, cwd=REPO,
+    env = {**os.environ, **db.env, "ARCHIVE_PREFIX": f"t/{db.name}"}
+    killed = subprocess.run([sys.executable, "-c", RUNNER, "PriceSnapshot", month.isoformat(), step], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     with db.connect() as conn:
@@ -119,8 +123,8 @@ def test_two_cli_archive_runs_of_one_month_at_once(db, cold_month, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER")}
     env.update(db.env)
     env.pop("DAGSTER_PG_URL", None)
-    env.update({"ARCHIVE_PREFIX": f"t/{db.name}", FAULT_ENV: "frozen:sleep=3"})
-    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "wedefi_pipelines.definitions",
+    env.update({"ARCHIVE_PREFIX": f"t/{db.name}", PAUSE_ENV: "3"})
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "wedefi_pipelines_tests.slow_archive_defs",
                "--select", "cold_archive", "--partition", p.partition_key(month),
                "--config-json", '{"execution": {"config": {"in_process": {}}}}']  # no step subprocess to start
     runs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

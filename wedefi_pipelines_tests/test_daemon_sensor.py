@@ -11,9 +11,10 @@ from dagster._core.utils import make_new_run_id
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines import provisioning
 from wedefi_pipelines.definitions import defs
-from wedefi_pipelines.defs.maintenance import safety
+from wedefi_pipelines.provisioning import safety
 from wedefi_pipelines.defs.maintenance.sensors import HORIZON_JOB, TAG_PENDING, partition_safety_sensor
 from wedefi_pipelines.resources.database import DatabaseResource
+from wedefi_pipelines.settings import Settings
 
 TODAY = date(2025, 6, 14)
 START = date(2024, 1, 1)
@@ -94,7 +95,7 @@ def test_the_sensor_requests_the_horizon_job_until_the_horizon_exists(db_env):
         assert isinstance(waiting, dg.SkipReason) and "is not finished yet" in waiting.skip_message
 
     with db_env.connect() as conn:
-        report = provisioning.run_horizon(conn, 6)
+        report = provisioning.run_horizon(conn, 6, earliest=Settings().partitions.start)
         assert report.ok, report.problems
     with dg.DagsterInstance.ephemeral() as instance:
         done = _evaluate(instance)

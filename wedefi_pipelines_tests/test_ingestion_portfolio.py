@@ -283,7 +283,7 @@ def test_seed_history_writes_every_snapshot_table_and_resumes(db_env):
 
 
 def test_the_demo_walkthrough_ingests_through_the_assets(db_env):
-    from wedefi_pipelines.defs.ingestion import walkthrough
+    from wedefi_pipelines.demo import ingestion as walkthrough
     from wedefi_pipelines.ingest.report import rows_per_table
 
     lines = []

@@ -8,6 +8,7 @@ import pytest
 from wedefi_pipelines import migrations
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines import provisioning as pv
+from wedefi_pipelines.provisioning.ensure import _units
 
 START = date(2024, 1, 1)
 
@@ -115,7 +116,7 @@ def test_gap_months_and_missing_horizon_months():
 
 def test_units_chunk_empty_months_and_isolate_months_with_rows():
     ms = months("2025-01", "2025-07")
-    units = pv._units(ms, {date(2025, 3, 1)}, per_transaction=3)
+    units = _units(ms, {date(2025, 3, 1)}, per_transaction=3)
     assert units == [ms[0:2], [ms[2]], ms[3:6], [ms[6]]]
 
 

@@ -7,12 +7,13 @@ import pyarrow as pa
 import pytest
 
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.settings import SettingsError, TierAges, parse_settings
+from wedefi_pipelines.locks import advisory_key
+from wedefi_pipelines.settings import Settings, SettingsError, TierAges, parse_settings
 from wedefi_pipelines.tiering import content_hash as ch
 from wedefi_pipelines.tiering.columns import UnsupportedColumn, column_spec
-from wedefi_pipelines.tiering.locks import month_lock_key
-from wedefi_pipelines.tiering.policy import (EXPORT_ORDER, WARM_LAYOUTS, MonthState, Tier, bounds_decide, classify,
-                                             due_months, group_tables, tier_of_age)
+from wedefi_pipelines.tiering.policy import (EXPORT_ORDER, WARM_LAYOUTS, Action, MonthState, Tier, bounds_decide,
+                                             classify, decide, decide_group, due_months, group_tables, needs_newest,
+                                             tier_of_age)
 
 AGES = TierAges(hot_days=30, cold_days=365)
 NOW = datetime(2026, 6, 15, 12, 0)
@@ -60,15 +61,15 @@ def test_thresholds_are_per_table_and_validated():
 def test_due_months_ask_for_what_each_month_needs():
     m = [date(2025, 1, 1), date(2025, 2, 1), date(2026, 2, 1), date(2026, 3, 1), date(2026, 6, 1), date(2024, 9, 1)]
     states = [
-        MonthState("PriceSnapshot", m[0], attached=True),  # cold
-        MonthState("PriceSnapshot", m[1], status="archived", late_rows=3),  # late rows wait
-        MonthState("PriceSnapshot", m[2], attached=True, warm=True),  # warm and converted
-        MonthState("PriceSnapshot", m[3], attached=True),  # warm, not converted
-        MonthState("PriceSnapshot", m[4], attached=True),  # hot
-        MonthState("PriceSnapshot", m[5], attached=True, status="restored"),  # restored: left alone
-        MonthState("PortfolioSnapshot", m[2], frozen=True),  # an archive run stopped half-way
+        MonthState("PriceSnapshot", m[0], child="attached"),  # cold
+        MonthState("PriceSnapshot", m[1], archive_status="archived", default_rows=3),  # late rows wait
+        MonthState("PriceSnapshot", m[2], child="attached", rewritten=True, vacuumed=True),  # warm and converted
+        MonthState("PriceSnapshot", m[3], child="attached"),  # warm, not converted
+        MonthState("PriceSnapshot", m[4], child="attached"),  # hot
+        MonthState("PriceSnapshot", m[5], child="attached", archive_status="restored"),  # restored: left alone
+        MonthState("PortfolioSnapshot", m[2], child="detached"),  # an archive run stopped half-way
     ]
-    due = due_months(states, NOW, {t.name: AGES for t in p.RANGE_TABLES})
+    due = due_months(states, NOW, Settings())
     assert due.warm == [m[3]]
     assert due.cold == [m[0], m[1], m[2]]
     assert "late row" in due.reasons[("PriceSnapshot", m[1])]
@@ -83,8 +84,8 @@ def test_layouts_and_groups():
         assert layout.brin_name(table, date(2025, 12, 1)).endswith("_brin")
         assert set(layout.replaces) <= {i.suffix for i in table.child_indexes}
         assert EXPORT_ORDER[table.name][:2] == layout.order
-    assert month_lock_key("PriceSnapshot", date(2025, 1, 1)) != month_lock_key("PriceSnapshot", date(2025, 2, 1))
-    assert -2**31 <= month_lock_key("PortfolioSnapshot", date(2025, 1, 1)) < 2**31
+    assert advisory_key("tiering.month", "PriceSnapshot", "2025-01") != advisory_key("tiering.month", "PriceSnapshot", "2025-02")
+    assert all(-2**31 <= k < 2**31 for k in advisory_key("tiering.month", "PortfolioSnapshot", "2025-01"))
 
 
 def _typmod(precision: int, scale: int) -> int:
@@ -132,3 +133,44 @@ def test_numeric_text_prints_what_postgresql_prints():
     assert ch.numeric_text(values).to_pylist() == [
         "0.000000000000000000", "0.000000000000000001", "-0.000000000000000123", "1.500000000000000000",
         "-123456789012345678.123456789012345678", None]
+
+
+# -- where two copies of the tier decision disagreed before the month catalog -------------------
+
+def test_cold_rows_waiting_in_the_default_with_no_child_are_archived_by_the_schedule_too():
+    """The archiver archived them on a manual run, the schedule never asked: now both do."""
+    month = date(2024, 9, 1)
+    state = MonthState("PriceSnapshot", month, default_rows=5, default_newest=datetime(2024, 9, 3))
+    decision = decide(state, NOW, Settings())
+    assert decision.action is Action.ARCHIVE and decision.scheduled and "default partition" in decision.reason
+    assert due_months([state], NOW, Settings()).cold == [month]
+    young = MonthState("PriceSnapshot", date(2026, 5, 1), default_rows=5, default_newest=datetime(2026, 5, 3))
+    assert decide(young, NOW, Settings()).reason.startswith("not cold yet: rows in the default partition")
+
+
+def test_an_archive_group_is_cold_only_when_its_newest_row_over_every_member_is():
+    """The schedule judged each member by its own newest row, the archiver the group's:
+    now both judge the group (PortfolioSnapshot and PositionSnapshot archive together)."""
+    month = date(2025, 6, 1)  # straddles the cold threshold at NOW: the newest rows decide
+    portfolio = MonthState("PortfolioSnapshot", month, child="attached", newest=datetime(2025, 6, 5), newest_read=True)
+    positions = MonthState("PositionSnapshot", month, child="attached", newest=datetime(2025, 6, 30), newest_read=True)
+    assert decide(portfolio, NOW, Settings()).action is Action.ARCHIVE  # alone, it would be cold
+    group = decide_group([portfolio, positions], NOW, Settings())
+    assert group.action is not Action.ARCHIVE and group.tier is Tier.WARM
+    assert due_months([portfolio, positions], NOW, Settings()).cold == []
+
+
+def test_a_restored_month_is_left_to_a_manual_run_by_the_schedule():
+    month = date(2024, 9, 1)
+    state = MonthState("PriceSnapshot", month, child="attached", archive_status="restored")
+    decision = decide(state, NOW, Settings())
+    assert decision.action is Action.ARCHIVE and not decision.scheduled  # cold_archive by hand archives it again
+    assert due_months([state], NOW, Settings()).cold == []
+
+
+def test_a_straddling_month_needs_its_newest_row_read():
+    state = MonthState("PriceSnapshot", date(2025, 6, 1), child="attached")
+    with pytest.raises(ValueError, match="did not read its newest row"):
+        decide(state, NOW, Settings())
+    assert needs_newest(NOW, Settings())(p.PRICE_SNAPSHOT, date(2025, 6, 1))
+    assert not needs_newest(NOW, Settings())(p.PRICE_SNAPSHOT, date(2025, 1, 1))

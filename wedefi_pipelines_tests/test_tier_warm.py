@@ -3,13 +3,24 @@
 import psycopg
 import pytest
 
-from wedefi_pipelines import month_ops
+from wedefi_pipelines import catalog, month_ops
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.tiering import state
 from wedefi_pipelines.tiering.policy import WARM_LAYOUTS
 from wedefi_pipelines.tiering.warm import rewrite, warm_month
 from wedefi_pipelines_tests.test_tiering_support import (insert_prices, load_portfolio, load_prices, months_ago,
                                                          rows_of, seed_reference)
+
+
+def _index_names(conn, relation: str) -> set[str]:
+    rows = conn.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                        " WHERE i.indrelid = %s::regclass", (f'"{relation}"',))
+    return {r[0] for r in rows}
+
+
+def _warm_layout(conn, table: p.RangeTable, month) -> tuple[bool, bool]:
+    """(rewritten, vacuumed), as the month catalog reads them."""
+    state = catalog.month_state(conn, table, month, default_rows="skip")
+    return state.rewritten, state.vacuumed
 
 
 def _index_methods(conn, relation: str) -> set[tuple[str, tuple[str, ...]]]:
@@ -43,14 +54,14 @@ def test_a_warm_month_is_rewritten_in_place_and_keeps_every_row(db):
     with db.connect() as conn:
         assert month_ops.is_attached(conn, p.PRICE_SNAPSHOT, month)
         assert rows_of(conn, "PriceSnapshot") == before
-        indexes = state.index_names(conn, child)
+        indexes = _index_names(conn, child)
         assert indexes == {f"{child}_pkey", WARM_LAYOUTS["PriceSnapshot"].brin_name(p.PRICE_SNAPSHOT, month)}
         order = _physical_order(conn, child, ("tokenId", "recordedAt"))
         assert order == sorted(order)  # rewritten in the order a token's history reads
         pages, visible = conn.execute("SELECT relpages, relallvisible FROM pg_class WHERE relname = %s",
                                       (child,)).fetchone()
         assert pages > 0 and visible == pages  # VACUUM (FREEZE, ANALYZE) ran
-        assert state.warm_layout_state(conn, p.PRICE_SNAPSHOT, month) == (True, True)
+        assert _warm_layout(conn, p.PRICE_SNAPSHOT, month) == (True, True)
         plan = conn.execute(f"""EXPLAIN SELECT * FROM "PriceSnapshot" WHERE "tokenId" = 'tok-2'
                                 AND "recordedAt" >= '{p.month_bounds(month)[0]}' AND "recordedAt" <
                                 '{p.month_bounds(month)[0].replace(day=8)}'""").fetchall()
@@ -82,7 +93,7 @@ def test_hot_cold_and_absent_months_are_skipped_with_the_reason(db):
     with db.connect() as conn:
         assert rows_of(conn, "PriceSnapshot") == before
         child = p.child_name(p.PRICE_SNAPSHOT, cold)
-        assert f"{child}_tokenId_recordedAt_source_key" in state.index_names(conn, child)
+        assert f"{child}_tokenId_recordedAt_source_key" in _index_names(conn, child)
 
 
 def test_portfolio_and_position_leaves_go_warm(db):
@@ -104,10 +115,10 @@ def test_portfolio_and_position_leaves_go_warm(db):
             order = _physical_order(conn, leaf, ("walletId", "capturedAt"))
             assert order == sorted(order, key=lambda r: (r[0] is None, r[0] or "", r[1]))
         position = p.child_name(p.POSITION_SNAPSHOT, month)
-        names = state.index_names(conn, position)
+        names = _index_names(conn, position)
         assert f"{position}_walletId_idx" not in names and f"{position}_warm_order" not in names
         assert f"{position}_portfolioSnapshotId_idx" in names  # not made redundant by the order: kept
-        assert state.warm_layout_state(conn, p.POSITION_SNAPSHOT, month) == (True, True)
+        assert _warm_layout(conn, p.POSITION_SNAPSHOT, month) == (True, True)
 
 
 def test_a_conversion_interrupted_before_its_vacuum_is_finished_by_the_next_run(db):
@@ -117,19 +128,19 @@ def test_a_conversion_interrupted_before_its_vacuum_is_finished_by_the_next_run(
         load_prices(conn, month)
         with conn.transaction():
             rewrite(conn, p.PRICE_SNAPSHOT, month)  # as if the process died right after this commit
-        assert state.warm_layout_state(conn, p.PRICE_SNAPSHOT, month) == (True, False)
+        assert _warm_layout(conn, p.PRICE_SNAPSHOT, month) == (True, False)
     with db.database() as database:
         outcome = warm_month(database, "PriceSnapshot", month)
     assert outcome.action == "finished" and "VACUUM" in outcome.reason
     with db.connect() as conn:
-        assert state.warm_layout_state(conn, p.PRICE_SNAPSHOT, month) == (True, True)
+        assert _warm_layout(conn, p.PRICE_SNAPSHOT, month) == (True, True)
 
 
 @pytest.mark.parametrize("table", ["PriceSnapshot"])
 def test_the_warm_rewrite_waits_at_most_lock_timeout_per_attempt(db, table):
     """A reader holding the child keeps CLUSTER out: bounded attempts, then a clear error, hot layout intact."""
     from wedefi_pipelines.settings import Settings
-    from wedefi_pipelines.tiering.locks import LockContention
+    from wedefi_pipelines.locks import LockContention
 
     month = months_ago(3)
     with psycopg.connect(db.url) as conn:
@@ -143,5 +154,5 @@ def test_the_warm_rewrite_waits_at_most_lock_timeout_per_attempt(db, table):
             warm_month(database, table, month, measure=False)
         reader.rollback()
     with db.connect() as conn:
-        assert state.warm_layout_state(conn, p.PRICE_SNAPSHOT, month) == (False, False)
-        assert f"{child}_tokenId_recordedAt_source_key" in state.index_names(conn, child)
+        assert _warm_layout(conn, p.PRICE_SNAPSHOT, month) == (False, False)
+        assert f"{child}_tokenId_recordedAt_source_key" in _index_names(conn, child)

@@ -205,7 +205,7 @@ class CuttingProxy:
 def month_content(conn: psycopg.Connection, table: str, month: date):
     """Count and content hash of the month's rows still in PostgreSQL: attached child and
     default partition (through the parent), plus any table frozen by an archive run."""
-    from wedefi_pipelines.tiering import state
+    from wedefi_pipelines import catalog
     from wedefi_pipelines.tiering.columns import archive_columns, hash_kinds
     from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql
 
@@ -213,7 +213,7 @@ def month_content(conn: psycopg.Connection, table: str, month: date):
     expr = row_hash_sql(hash_kinds(archive_columns(conn, table)))
     total = ContentHash()
     sources = [(table, p.time_window_sql(rt, month))]
-    sources += [(name, sql.SQL("true")) for name in state.frozen_relations(conn, rt, month)]
+    sources += [(name, sql.SQL("true")) for name in catalog.month_state(conn, rt, month).frozen_relations]
     for relation, where in sources:
         count, value = conn.execute(sql.SQL("SELECT count(*), coalesce(sum({h}::numeric), 0) FROM {r} WHERE {w}").format(
             h=expr, r=sql.Identifier(relation), w=where)).fetchone()

@@ -32,6 +32,8 @@ import requests
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from wedefi_pipelines import locks
+
 log = logging.getLogger(__name__)
 
 SOURCE = "wedefi-pipelines"
@@ -103,7 +105,7 @@ def _row(record, created: bool = False) -> AlertRow:
 
 def _lock_incident(conn: psycopg.Connection, incident: str) -> None:
     """Serialise writers of one incident (the run-failure and health sensors may overlap)."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{SOURCE}:{incident}",))
+    locks.xact_lock(conn, "alerting.incident", f"{SOURCE}:{incident}")
 
 
 def _open_rows(

@@ -23,11 +23,11 @@ import pyarrow as pa
 from psycopg import sql
 
 from wedefi_pipelines.ingest.latest_prices import LATEST_PRICE_TABLE, stage_latest_prices
-from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines import locks
+from wedefi_pipelines.ingest.pgcopy import copy_table
 from wedefi_pipelines.ingest.validation import require_columns
 from wedefi_pipelines.partitioning import to_utc_naive
 
-BALANCE_LOCK = lock_namespace("wedefi.ingest.TokenBalance")
 _STAGE = "wedefi_balance_stage"
 COLUMNS = ("walletId", "tokenId", "rawBalance", "quantity", "blockNumber")
 
@@ -99,7 +99,7 @@ def sync_balances(conn: psycopg.Connection, balances: pa.Table, at: datetime,
     at = to_utc_naive(at)
     require_columns(balances, COLUMNS, "balance rows")
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (BALANCE_LOCK,))
+        locks.xact_lock(conn, "ingest.balances")
         stage_latest_prices(conn, at, lookback)
         conn.execute(sql.SQL(
             'CREATE TEMP TABLE {} (ord bigserial, "walletId" text, "tokenId" text, "rawBalance" text NOT NULL, '

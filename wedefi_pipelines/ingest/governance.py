@@ -16,11 +16,11 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines import locks as advisory
+from wedefi_pipelines.ingest.pgcopy import copy_table
 from wedefi_pipelines.ingest.validation import require_columns
 from wedefi_pipelines.partitioning import to_utc_naive
 
-GOVERNANCE_LOCK = lock_namespace("wedefi.ingest.GovernanceLock")
 COLUMNS = ("walletId", "protocolId", "lockAmount", "votingPower", "boostMultiplier", "lockEndsAt")
 _STAGE = "wedefi_governance_stage"
 
@@ -73,7 +73,7 @@ def sync_governance_locks(conn: psycopg.Connection, locks: pa.Table, at: datetim
     at = to_utc_naive(at)
     require_columns(locks, COLUMNS, "governance lock rows")
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (GOVERNANCE_LOCK,))
+        advisory.xact_lock(conn, "ingest.governance")
         conn.execute(sql.SQL(
             'CREATE TEMP TABLE {} (ord bigserial, "walletId" text, "protocolId" text, "lockAmount" numeric(36,18) '
             'NOT NULL, "votingPower" numeric(36,18) NOT NULL, "boostMultiplier" numeric(36,18), '

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from typing import Iterable, Iterator, Sequence, TypeVar
@@ -14,11 +13,6 @@ from psycopg import sql
 from wedefi_pipelines.ingest.validation import csv_block
 
 T = TypeVar("T")
-
-
-def lock_namespace(name: str) -> int:
-    """A stable int4 for the first key of pg_advisory_xact_lock(int4, int4)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
 
 
 def copy_csv(conn: psycopg.Connection, relation: str | sql.Composable, columns: Sequence[str], data: bytes) -> None:

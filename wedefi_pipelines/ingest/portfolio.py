@@ -32,13 +32,12 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from wedefi_pipelines import locks, provisioning
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines import provisioning
 from wedefi_pipelines.ingest.latest_prices import LATEST_PRICE_TABLE, stage_latest_prices
-from wedefi_pipelines.ingest.pgcopy import copy_table, lock_namespace
+from wedefi_pipelines.ingest.pgcopy import copy_table
 from wedefi_pipelines.settings import divides_a_day
 
-TICK_LOCK = lock_namespace("wedefi.ingest.PortfolioSnapshot.tick")
 CHANGE_INTERVALS = (("24h", timedelta(hours=24)), ("7d", timedelta(days=7)), ("30d", timedelta(days=30)))
 REFERENCE_TOLERANCE = timedelta(hours=1)
 POSITION_COLUMNS = ("walletId", "tokenId", "protocolId", "positionType", "quantity", "costBasisUsd")
@@ -188,7 +187,7 @@ def capture_tick(
     tick = p.to_utc_naive(tick)
     result = TickResult(tick=tick)
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (TICK_LOCK, tick_lock_key(tick)))
+        locks.xact_lock(conn, "ingest.portfolio_tick", tick_lock_key(tick))
         result.priced_tokens = stage_latest_prices(conn, tick, lookback)
         names = {"tick": sql.Literal(tick), "tick_text": sql.Literal(tick.isoformat(sep=" ")),
                  "latest": sql.Identifier(LATEST_PRICE_TABLE)}

@@ -35,16 +35,15 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from wedefi_pipelines import month_ops, provisioning
+from wedefi_pipelines import catalog, locks, month_ops, provisioning
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.ingest import validation as v
-from wedefi_pipelines.ingest.pgcopy import copy_csv, copy_table, lock_namespace, prefetch
+from wedefi_pipelines.ingest.pgcopy import copy_csv, copy_table, prefetch
 
 log = logging.getLogger(__name__)
 
 TABLE = p.PRICE_SNAPSHOT
 REJECTS_TABLE = "PriceSnapshot_rejects"
-DAY_LOCK = lock_namespace("wedefi.ingest.PriceSnapshot.day")
 _EPOCH = date(1970, 1, 1)
 _STAGE = "wedefi_price_stage"
 _REJECT_STAGE = "wedefi_price_reject_stage"
@@ -128,7 +127,7 @@ def day_numbers(start: datetime, end: datetime) -> list[int]:
 def lock_days(conn: psycopg.Connection, start: datetime, end: datetime) -> None:
     """Take the transaction-level lock of every UTC day in [start, end), in order (no deadlock)."""
     for day in day_numbers(start, end):
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (DAY_LOCK, day))
+        locks.xact_lock(conn, "ingest.price_day", day)
 
 
 def _months(valid: pa.Table) -> Counter:
@@ -307,13 +306,11 @@ class MonthNotStageable(RuntimeError):
 def month_blocker(conn: psycopg.Connection, month: date) -> str | None:
     """Why `month` cannot be loaded as a bare table then attached, or None if it can."""
     child = p.child_name(TABLE, month)
-    if month_ops.relation_exists(conn, child):
+    if catalog.relation_exists(conn, child):
         return f"{child} already exists"
-    if month in provisioning.archived_months(conn, TABLE):
+    if month in catalog.archived_months(conn, TABLE):
         return f"{p.month_year(month)} is archived (restore it to load into it)"
-    start, end = p.month_bounds(month)
-    if conn.execute('SELECT EXISTS (SELECT 1 FROM "PriceSnapshot_default" WHERE "recordedAt" >= %s '
-                    'AND "recordedAt" < %s)', (start, end)).fetchone()[0]:
+    if catalog.months_with_default_rows(conn, TABLE, month, p.add_months(month, 1)):
         return f"\"PriceSnapshot_default\" holds rows of {p.month_year(month)} (provisioning drains them)"
     return None
 

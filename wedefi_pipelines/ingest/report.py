@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from wedefi_pipelines import month_ops
+from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
 
 FLAT_TABLES = ("TokenBalance", "GovernanceLock", "AssetCorrelation", "PriceSnapshot_rejects")
@@ -19,7 +19,7 @@ def rows_per_child(conn: psycopg.Connection) -> list[tuple[str, str, int]]:
     """(table, child, rows) for every monthly child and default partition of the range tables."""
     rows = []
     for table in p.RANGE_TABLES:
-        for month in month_ops.attached_months(conn, table):
+        for month in catalog.attached_months(conn, table):
             child = p.child_name(table, month)
             rows.append((table.name, child, _count(conn, child)))
         rows.append((table.name, p.default_name(table), _count(conn, p.default_name(table))))

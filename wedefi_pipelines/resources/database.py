@@ -150,15 +150,8 @@ class Database:
     def connect(self, server: Server = "primary") -> Iterator[psycopg.Connection]:
         """A pooled connection to one server, inside a transaction: committed on success."""
         pool = self.pool(server)
-        conn = pool.getconn()
-        try:
-            with conn.transaction():
-                yield conn
-        finally:
-            pool.putconn(conn)
-
-    def primary(self):
-        return self.connect("primary")
+        with _transaction(pool, pool.getconn()) as conn:
+            yield conn
 
     @contextmanager
     def autocommit(self, server: Server = "primary") -> Iterator[psycopg.Connection]:
@@ -171,6 +164,35 @@ class Database:
             application_name=f"{self.application_name}:{server}",
         ) as conn:
             yield conn
+
+    def connect_caught_up(self, server: Server, timeout_s: float, application_name: str
+                          ) -> tuple[psycopg.Connection, str, str]:
+        """A dedicated autocommit connection to the `server` replica once it has replayed
+        everything the primary has written so far, waiting up to `timeout_s`; else (no such
+        replica, unreachable, or still behind) to the primary. Returns (connection, its
+        URL, 'primary' or '<server> replica'): whoever reads what a just-committed
+        transaction froze (the archive export) sees exactly that state."""
+        primary_url = self.urls["primary"]
+        url = self.urls.get(server)
+        if server != "primary" and url:
+            with psycopg.connect(primary_url, autocommit=True) as primary:
+                lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            try:
+                replica = psycopg.connect(url, autocommit=True, connect_timeout=5, application_name=application_name)
+            except psycopg.OperationalError as exc:
+                self.log.warning("%s replica unreachable (%s): using the primary", server, exc)
+            else:
+                deadline = time.monotonic() + timeout_s
+                while not replica.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
+                    if time.monotonic() > deadline:
+                        self.log.warning("%s replica has not replayed %s within %.0fs: using the primary",
+                                         server, lsn, timeout_s)
+                        replica.close()
+                        break
+                    time.sleep(0.05)
+                else:
+                    return replica, url, f"{server} replica"
+        return psycopg.connect(primary_url, autocommit=True, application_name=application_name), primary_url, "primary"
 
     def close(self) -> None:
         with self._lock:
@@ -260,11 +282,18 @@ class Database:
             self._last_route[workload] = "primary"
             pool = self.pool("primary")
             conn = pool.getconn()
-        try:
-            with conn.transaction():
-                yield conn
-        finally:
-            pool.putconn(conn)
+        with _transaction(pool, conn) as conn:
+            yield conn
+
+
+@contextmanager
+def _transaction(pool: ConnectionPool, conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """The pooled connection inside a transaction (committed on success), then back to its pool."""
+    try:
+        with conn.transaction():
+            yield conn
+    finally:
+        pool.putconn(conn)
 
 
 class DatabaseResource(dg.ConfigurableResource):
@@ -304,11 +333,3 @@ class DatabaseResource(dg.ConfigurableResource):
             self._db = Database.from_env(env, logger=self._logger or log)
         return self._db
 
-    def connection(self, workload: str):
-        return self.db.connection(workload)
-
-    def primary(self):
-        return self.db.connect("primary")
-
-    def route(self, workload: str) -> Route:
-        return self.db.route(workload)

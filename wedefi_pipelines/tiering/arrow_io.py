@@ -1,7 +1,7 @@
 """PostgreSQL <-> Arrow, streamed through COPY in CSV, with exact types.
 
-`COPY (SELECT ...) TO STDOUT` is the fastest way out of PostgreSQL (DESIGN.md section 8:
-6 s for a month, against 24 s through pandas.read_sql), and pyarrow's streaming CSV
+`COPY (SELECT ...) TO STDOUT` is the fastest way out of PostgreSQL (DESIGN.md section 8),
+and pyarrow's streaming CSV
 reader turns it into typed record batches without holding more than a block in memory.
 CSV (not COPY's text format) because its quoting tells an empty string from NULL.
 Decimals are parsed straight into decimal128(p,s): a value with more digits than the

@@ -8,8 +8,8 @@ rows it holds) and by numpy (over the rows read back from the downloaded Parquet
 PostgreSQL's fast built-in hashes are the `*extended` hash-opclass functions, all built on
 Bob Jenkins' lookup3 as PostgreSQL implements it (src/common/hashfn.c,
 `hash_bytes_extended` / `hash_bytes_uint32_extended`). They are frozen in practice (hash
-partitioning stores their results) and run at ~2 s per 4.5M rows, where `md5()` needs
-~14 s. This module reimplements them vectorised over Arrow buffers.
+partitioning stores their results) and are several times faster than `md5()`
+(docs/tiering.md, "Measured choices"). This module reimplements them vectorised over Arrow buffers.
 
 The row hash chains the columns in table order, each column hashed with the previous
 result as its seed, so a value moved between columns or rows changes the hash:
@@ -33,10 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
+from wedefi_pipelines.pghash import GOLDEN as _GOLDEN
+from wedefi_pipelines.pghash import hash_bytes_extended as _scalar_hash_bytes
+
 CHAIN_SEED = 0x77656465666931  # 'wedefi1'; also the hash format's version
 NULL_MARK = 0x4E554C4C4E554C4C  # 'NULLNULL'
 PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
-_GOLDEN = 0x9E3779B9 + 3923095
 _VECTOR_MAX_BLOCKS = 85  # values over ~1 kB take the scalar path (rare: big jsonb)
 
 TEXT_KINDS = ("text", "numeric", "jsonb")
@@ -119,46 +121,6 @@ def hash_int8_extended(values: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     high = ((values >> 32) & 0xFFFFFFFF).astype(np.uint32)
     low ^= np.where(values >= 0, high, ~high)
     return hash_uint32_extended(low, seeds)
-
-
-def _scalar_hash_bytes(data: bytes, seed: int) -> int:
-    """hash_bytes_extended for one value, in plain Python (values too long to vectorise)."""
-    m = 0xFFFFFFFF
-
-    def rot(x, k):
-        return ((x << k) | (x >> (32 - k))) & m
-
-    def mix(a, b, c):
-        a = (a - c) & m; a ^= rot(c, 4); c = (c + b) & m  # noqa: E702
-        b = (b - a) & m; b ^= rot(a, 6); a = (a + c) & m  # noqa: E702
-        c = (c - b) & m; c ^= rot(b, 8); b = (b + a) & m  # noqa: E702
-        a = (a - c) & m; a ^= rot(c, 16); c = (c + b) & m  # noqa: E702
-        b = (b - a) & m; b ^= rot(a, 19); a = (a + c) & m  # noqa: E702
-        c = (c - b) & m; c ^= rot(b, 4); b = (b + a) & m  # noqa: E702
-        return a, b, c
-
-    a = b = c = (_GOLDEN + len(data)) & m
-    seed &= 0xFFFFFFFFFFFFFFFF
-    if seed:
-        a, b, c = mix((a + (seed >> 32)) & m, (b + (seed & m)) & m, c)
-    full = len(data) // 12 * 12
-    for i in range(0, full, 12):
-        a, b, c = mix((a + int.from_bytes(data[i:i + 4], "little")) & m,
-                      (b + int.from_bytes(data[i + 4:i + 8], "little")) & m,
-                      (c + int.from_bytes(data[i + 8:i + 12], "little")) & m)
-    tail = data[full:].ljust(12, b"\0")
-    a = (a + int.from_bytes(tail[0:4], "little")) & m
-    b = (b + int.from_bytes(tail[4:8], "little")) & m
-    c = (c + (int.from_bytes(tail[8:12], "little") << 8)) & m  # the lowest byte of c: the length
-    c ^= b; c = (c - rot(b, 14)) & m  # noqa: E702
-    a ^= c; a = (a - rot(c, 11)) & m  # noqa: E702
-    b ^= a; b = (b - rot(a, 25)) & m  # noqa: E702
-    c ^= b; c = (c - rot(b, 16)) & m  # noqa: E702
-    a ^= c; a = (a - rot(c, 4)) & m  # noqa: E702
-    b ^= a; b = (b - rot(a, 14)) & m  # noqa: E702
-    c ^= b; c = (c - rot(b, 24)) & m  # noqa: E702
-    value = (b << 32) | c
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _hash_blocks(words: np.ndarray, blocks: int, lengths: np.ndarray, seeds: np.ndarray) -> np.ndarray:

@@ -2,15 +2,13 @@
 
 PostgreSQL sends COPY data as one message per row, and psycopg reads each one in Python
 (~1 us a row). Done in the exporting process, that loop competes for the GIL with the
-numpy and Arrow work on the previous batches and slows both several times over (measured:
-42 s for a 4.5M-row month in one process). This module runs the loop in its own process
+numpy and Arrow work on the previous batches and slows both several times over
+(docs/tiering.md, "Measured choices"). This module runs the loop in its own process
 and writes the bytes to its stdout in large blocks, which pyarrow's CSV reader consumes
 in the exporter. The connection URL comes in the environment (never on a command line);
 the statements come on stdin as JSON: {"prelude": [...], "copy": "COPY (...) TO STDOUT ..."}.
 
 On a database error the process prints `SQLSTATE <code>: <message>` on stderr and exits 2.
-(measured on a 4.5M-row month: 15 s for this loop against 19 s through psycopg's Copy
-iterator and 11 s for psql, which the exporter does not require.)
 """
 
 from __future__ import annotations

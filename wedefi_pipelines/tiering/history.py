@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from psycopg import sql
 
+from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
-from wedefi_pipelines.tiering import state
 from wedefi_pipelines.tiering.arrow_io import read_table, select_sql, text_columns
 from wedefi_pipelines.tiering.columns import archive_columns, arrow_schema
 
@@ -57,14 +57,12 @@ def price_history(db: Database, store: ArchiveStore, token_id: str, start: datet
     with db.connection(WORKLOAD) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         columns = archive_columns(conn, TABLE.name)
-        archived = {m for m, s in state.metadata_status(conn, TABLE).items() if s == "archived" and m in months}
-        keys = [k for (k,) in conn.execute(sql.SQL(
-            "SELECT object_key FROM {} WHERE month_year = ANY(%s) ORDER BY object_key").format(
-            sql.Identifier(f"{TABLE.name}_archive_objects")), ([p.month_year(m) for m in sorted(archived)],))]
+        states = catalog.read_table(conn, TABLE, months=months, default_rows="skip").months.values()
+        archived = {s.month for s in states if s.archived}
+        keys = sorted(o.key for s in states if s.archived for o in s.objects)
         pieces = [read_table(conn, select_sql(TABLE.name, columns, where=_window(token_id, start, end)), columns)]
-        for month in months:
-            for relation in state.frozen_relations(conn, TABLE, month):
-                pieces.append(read_table(conn, select_sql(relation, columns, where=_window(token_id, start, end)), columns))
+        for relation in (r for s in states for r in s.frozen_relations):
+            pieces.append(read_table(conn, select_sql(relation, columns, where=_window(token_id, start, end)), columns))
     from_postgres = sum(t.num_rows for t in pieces)
     schema = arrow_schema(columns)
     if keys:

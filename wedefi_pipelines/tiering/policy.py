@@ -1,10 +1,15 @@
-"""Tier decisions and tier layouts as pure functions (no I/O, no Dagster).
+"""Tier decisions as pure functions (no I/O, no Dagster): one `decide` for every caller.
 
 A month's tier follows the age of its newest row (DESIGN.md section 4): hot under
 `hot_days`, cold past `cold_days`, warm between; an empty month ages from its upper bound.
 The month's bounds often decide without looking at the data (a month that ended more than
-a year ago is cold whatever it holds); only a month straddling a threshold needs its
-real newest row, which `bounds_decide` says.
+a year ago is cold whatever it holds); only a month straddling a threshold needs its real
+newest row, which `bounds_decide` says and `needs_newest` tells the catalog.
+
+`decide(state, now, settings)` turns a catalog `MonthState` into the tier, the action due
+(none, warm, archive) and the reason in words; `decide_group` does it for an archive group
+(PortfolioSnapshot and PositionSnapshot archive and restore together). The daily
+schedule, `warm_tier`, `cold_archive`, the checks and the demo's tier report all ask them.
 """
 
 from __future__ import annotations
@@ -12,9 +17,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from enum import Enum
+from typing import Iterable, Sequence
 
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.settings import TierAges
+from wedefi_pipelines.catalog import MonthState, NewestWanted
+from wedefi_pipelines.settings import Settings, TierAges
+
+# Layouts and archive orders are table definitions (partitioning.RangeTable); named here too.
+WarmLayout = p.WarmLayout
+WARM_LAYOUTS: dict[str, p.WarmLayout] = {t.name: t.warm for t in p.RANGE_TABLES}
+EXPORT_ORDER: dict[str, tuple[str, ...]] = {t.name: t.export_order for t in p.RANGE_TABLES}
+ROW_KEY: dict[str, tuple[str, ...]] = {t.name: t.row_key for t in p.RANGE_TABLES}
 
 
 class Tier(str, Enum):
@@ -65,65 +78,124 @@ def classify(month: date, newest: datetime | None, now: datetime, ages: TierAges
     return TierDecision(month, tier, f"{what} ({reference:%Y-%m-%d %H:%M}) is {days:.1f} days old ({limits[tier]}): {tier.value}")
 
 
-def classify_months(spans: dict[date, datetime | None], now: datetime, ages: TierAges) -> dict[date, TierDecision]:
-    return {month: classify(month, newest, now, ages) for month, newest in sorted(spans.items())}
+def needs_newest(now: datetime, settings: Settings) -> NewestWanted:
+    """For the catalog: read a child's newest row only where the month's bounds do not decide."""
+    return lambda table, month: bounds_decide(month, now, settings.tiers.for_table(table.name)) is None
 
 
-# -- layouts -----------------------------------------------------------------------------------
+# -- the decision ------------------------------------------------------------------------------
+
+NO_CHILD = "no child for this month"
+
+
+class Action(str, Enum):
+    NONE = "none"
+    WARM = "warm"  # convert to the warm layout (or finish a conversion)
+    ARCHIVE = "archive"  # archive to the cold tier (or resume, or take late rows)
+
 
 @dataclass(frozen=True)
-class WarmLayout:
-    """How a warm child is laid out: rows rewritten in `order` (the warm workload reads one
-    token's or one wallet's history), BRIN over `brin` (columns that correlate with that
-    order: a range of pages then holds one key's consecutive times), and the per-child
-    btrees in `replaces` dropped, because that order makes them redundant."""
+class Decision:
+    """What is due for one table's (or one archive group's) month, and why.
 
-    order: tuple[str, ...]
-    brin: tuple[str, ...]
-    replaces: tuple[str, ...]
-    pages_per_range: int = 16
-    sample_key: str = ""  # the column the representative warm query filters on
+    `tier` is the month's tier in PostgreSQL (None when nothing of it is attached);
+    `why` the evidence for that tier; `scheduled` False when the daily schedule leaves the
+    action to a manual run (a restored month stays restored until someone archives it).
+    """
 
-    def brin_name(self, table: p.RangeTable, month: date) -> str:
-        name = f"{p.child_name(table, month)}_{'_'.join(self.brin)}_brin"
-        if len(name.encode()) > 63:
-            raise ValueError(f"index name {name!r} is longer than 63 bytes")
-        return name
+    table: str
+    month: date
+    tier: Tier | None
+    action: Action
+    reason: str
+    why: str = ""
+    scheduled: bool = True
 
 
-WARM_LAYOUTS: dict[str, WarmLayout] = {
-    "PriceSnapshot": WarmLayout(
-        order=("tokenId", "recordedAt"), brin=("tokenId", "recordedAt"),
-        replaces=("tokenId_recordedAt_source_key",), sample_key="tokenId"),
-    "PortfolioSnapshot": WarmLayout(
-        order=("walletId", "capturedAt"), brin=("walletId", "capturedAt"),
-        replaces=("walletId_capturedAt_idx",), sample_key="walletId"),
-    "PositionSnapshot": WarmLayout(
-        order=("walletId", "capturedAt"), brin=("walletId", "capturedAt"),
-        replaces=("walletId_idx",), sample_key="walletId"),
-}
+def _tier(month: date, newest: datetime | None, newest_read: bool, now: datetime, ages: TierAges,
+          table: str) -> tuple[Tier, str]:
+    decided = bounds_decide(month, now, ages)
+    if decided is not None:
+        return decided, f"the whole month is {decided.value} (its bounds decide)"
+    if not newest_read:
+        raise ValueError(f"{table} {p.month_year(month)}: straddles a tier threshold and the catalog did not read "
+                         "its newest row (read it with newest=needs_newest(now, settings))")
+    decision = classify(month, newest, now, ages)
+    return decision.tier, decision.reason
 
-# The archive's sort: the warm order (a key's history sits in one or two row groups), then a
-# tie-breaker where the warm order has ties. Not a total order on purpose: measured, each
-# further sort key costs the export's ORDER BY ~10% more, and nothing needs a byte-identical
-# file (the content hash does not depend on row order).
-EXPORT_ORDER: dict[str, tuple[str, ...]] = {
-    "PriceSnapshot": ("tokenId", "recordedAt", "source"),
-    "PortfolioSnapshot": ("walletId", "capturedAt"),
-    "PositionSnapshot": ("walletId", "capturedAt", "tokenId"),
-}
 
-# Columns that identify a row in error messages.
-ROW_KEY: dict[str, tuple[str, ...]] = {
-    "PriceSnapshot": ("id", "recordedAt"),
-    "PortfolioSnapshot": ("id", "capturedAt", "walletId"),
-    "PositionSnapshot": ("id", "capturedAt"),
-}
+def decide(state: MonthState, now: datetime, settings: Settings) -> Decision:
+    """The tier of one table's month, the action due and why (pure)."""
+    ages = settings.tiers.for_table(state.table)
+    month, name = state.month, state.table
 
+    def made(tier: Tier | None, action: Action, reason: str, why: str = "") -> Decision:
+        return Decision(name, month, tier, action, reason, why, scheduled=not state.restored)
+
+    if state.frozen:
+        return made(None, Action.ARCHIVE, "an archive run stopped half-way: resume it")
+    if state.attached:
+        tier, why = _tier(month, state.newest, state.newest_read, now, ages, name)
+        if tier is Tier.COLD:
+            return made(tier, Action.ARCHIVE, f"cold: {why}", why)
+        if tier is Tier.HOT:
+            return made(tier, Action.NONE, f"not warm yet: {why}", why)
+        if state.vacuumed:
+            return made(tier, Action.NONE, "already warm: rewritten, BRIN-indexed and frozen", why)
+        if state.rewritten:
+            return made(tier, Action.WARM, "warm; the rewrite was done, the VACUUM (FREEZE) was not", why)
+        return made(tier, Action.WARM, f"warm, not converted yet: {why}", why)
+    if state.archived:
+        if state.has_default_rows:
+            count = "some" if state.default_rows is None else str(state.default_rows)
+            return made(None, Action.ARCHIVE, f"{count} late row(s) of an archived month wait in the default partition")
+        return made(None, Action.NONE, "already archived: nothing left in PostgreSQL for this month")
+    if state.has_default_rows:
+        decision = classify(month, state.default_newest, now, ages)
+        if decision.tier is Tier.COLD:
+            return made(None, Action.ARCHIVE, f"cold rows wait in the default partition: {decision.reason}",
+                        decision.reason)
+        return made(None, Action.NONE, f"not cold yet: rows in the default partition; {decision.reason}",
+                    decision.reason)
+    decision = classify(month, None, now, ages)
+    if decision.tier is Tier.COLD and not state.restored:
+        return made(None, Action.ARCHIVE, "nothing in PostgreSQL for a cold month: recorded as archived with 0 rows",
+                    decision.reason)
+    return made(None, Action.NONE, NO_CHILD, decision.reason)
+
+
+def group_state(states: Sequence[MonthState]) -> MonthState:
+    """An archive group's month as one state: attached if any member is, archived only
+    if every member is, its newest row the newest of the members'."""
+    first = states[0]
+    attached = [s for s in states if s.attached]
+    counted = [s.default_rows for s in states]
+    statuses = {s.archive_status for s in states}
+    return MonthState(
+        table=p.range_table(first.table).group, month=first.month,
+        child="attached" if attached else ("detached" if any(s.child == "detached" for s in states) else "absent"),
+        late_table=any(s.late_table for s in states),
+        rewritten=bool(attached) and all(s.rewritten for s in attached),
+        vacuumed=bool(attached) and all(s.vacuumed for s in attached),
+        archive_status=("archived" if statuses == {"archived"} else "restored" if "restored" in statuses else None),
+        archived_rows=sum(s.archived_rows for s in states),
+        default_rows=None if None in counted else sum(counted),
+        default_newest=max((s.default_newest for s in states if s.default_newest), default=None),
+        newest=max((s.newest for s in attached if s.newest), default=None),
+        newest_read=all(s.newest_read for s in attached) if attached else False,
+    )
+
+
+def decide_group(states: Sequence[MonthState], now: datetime, settings: Settings) -> Decision:
+    """`decide` for an archive group's month (the members' states, any order)."""
+    return decide(group_state(states), now, settings)
+
+
+# -- groups ---------------------------------------------------------------------------------
 
 def group_tables(table: p.RangeTable | str) -> list[p.RangeTable]:
     """The tables archived and restored with `table`, in a fixed order (locks are taken in it)."""
-    group = p.range_table(table).group if isinstance(table, str) else table.group
+    group = p.range_table(table).group
     return [t for t in p.RANGE_TABLES if t.group == group]
 
 
@@ -133,21 +205,6 @@ def groups() -> list[str]:
 
 # -- what the daily schedule asks for -----------------------------------------------------------
 
-@dataclass(frozen=True)
-class MonthState:
-    """What the catalog says about one table's month (see tiering.state)."""
-
-    table: str
-    month: date
-    attached: bool = False
-    warm: bool = False
-    frozen: bool = False  # detached or late-row table left by an unfinished archive run
-    status: str | None = None  # archive metadata: 'archived', 'restored' or None
-    late_rows: int = 0  # rows for the month waiting in the default partition
-    newest: datetime | None = None  # only needed when bounds_decide is None
-    has_rows: bool = True
-
-
 @dataclass
 class DueMonths:
     warm: list[date] = field(default_factory=list)
@@ -155,41 +212,23 @@ class DueMonths:
     reasons: dict[tuple[str, date], str] = field(default_factory=dict)
 
 
-def month_tier(state: MonthState, now: datetime, ages: TierAges) -> Tier:
-    decided = bounds_decide(state.month, now, ages)
-    if decided is not None:
-        return decided
-    return classify(state.month, state.newest if state.has_rows else None, now, ages).tier
-
-
-def due_months(states: list[MonthState], now: datetime, ages_for: dict[str, TierAges]) -> DueMonths:
-    """Months whose warm conversion or cold archive is due.
-
-    Warm: an attached month in the warm tier not converted yet. Cold: an attached cold
-    month, an unfinished archive (frozen tables), or late rows waiting for an archived
-    month. A restored month stays restored until someone archives it again by hand.
-    """
+def due_months(states: Iterable[MonthState], now: datetime, settings: Settings) -> DueMonths:
+    """Months whose warm conversion (per table) or cold archive (per archive group) is due
+    and scheduled, from the catalog's states."""
+    states = sorted(states, key=lambda s: (s.month, s.table))
     due = DueMonths()
-    for state in sorted(states, key=lambda s: (s.month, s.table)):
-        key = (state.table, state.month)
-        if state.frozen:
-            due.cold.append(state.month)
-            due.reasons[key] = "an archive run stopped half-way: resume it"
-            continue
-        if state.status == "archived":
-            if state.late_rows:
-                due.cold.append(state.month)
-                due.reasons[key] = f"{state.late_rows} late row(s) wait in the default partition"
-            continue
-        if not state.attached or state.status == "restored":
-            continue
-        tier = month_tier(state, now, ages_for[state.table])
-        if tier is Tier.COLD:
-            due.cold.append(state.month)
-            due.reasons[key] = "cold"
-        elif tier is Tier.WARM and not state.warm:
+    by_group: dict[tuple[str, date], list[MonthState]] = {}
+    for state in states:
+        by_group.setdefault((p.range_table(state.table).group, state.month), []).append(state)
+        decision = decide(state, now, settings)
+        if decision.action is Action.WARM and decision.scheduled:
             due.warm.append(state.month)
-            due.reasons[key] = "warm, not converted yet"
+            due.reasons[(state.table, state.month)] = decision.reason
+    for (group, month), members in sorted(by_group.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        decision = decide_group(members, now, settings)
+        if decision.action is Action.ARCHIVE and decision.scheduled:
+            due.cold.append(month)
+            due.reasons[(group, month)] = decision.reason
     due.warm = sorted(set(due.warm))
     due.cold = sorted(set(due.cold))
     return due

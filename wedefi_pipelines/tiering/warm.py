@@ -3,7 +3,7 @@
 A hot month is loaded in time order and indexed for writes and "latest" reads. Once warm
 (30 days to a year), it is read as one token's or one wallet's history. So, per leaf
 (DESIGN.md section 4; TOAST compression does nothing for these narrow rows):
-  1. CLUSTER the leaf in the warm order (policy.WARM_LAYOUTS), using the hot btree that
+  1. CLUSTER the leaf in the warm order (the table's `warm` layout), using the hot btree that
      starts with that order, or a temporary one: one rewrite, which also rebuilds the
      bloated time-ordered indexes compactly;
   2. BRIN on the order's columns (a page range then holds one key's consecutive times, so
@@ -13,7 +13,8 @@ A hot month is loaded in time order and indexed for writes and "latest" reads. O
      is done only when that mark is there.
 Steps 1-2 are one transaction (a crash leaves the hot layout untouched); CLUSTER takes
 ACCESS EXCLUSIVE on one leaf for the rewrite, acquired under lock_timeout with retries.
-A month that is not warm (hot, cold, archived, absent) is skipped with the reason.
+Whether a month is due is the catalog's state and `policy.decide`'s answer; a month that
+is not warm (hot, cold, archived, absent) is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ from datetime import date, datetime, timedelta, timezone
 import psycopg
 from psycopg import sql
 
-from wedefi_pipelines import month_ops
+from wedefi_pipelines import catalog, locks
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.settings import Settings
-from wedefi_pipelines.tiering import state
-from wedefi_pipelines.tiering.locks import month_lock, set_lock_timeout, with_lock_retries
-from wedefi_pipelines.tiering.policy import WARM_LAYOUTS, Tier, bounds_decide, classify
+from wedefi_pipelines.tiering.policy import Action, Decision, decide, needs_newest
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +76,18 @@ class WarmOutcome:
         return meta
 
 
-def leaves(table: p.RangeTable, month: date) -> list[str]:
-    return p.leaf_names(table, month)
-
-
 def footprint(conn: psycopg.Connection, table: p.RangeTable, month: date, repeat: int = 5) -> Footprint:
     """Rows, total bytes (heap, TOAST and every index of the leaves) and the warm query's time."""
     child = p.child_name(table, month)
     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(child))).fetchone()[0]
     size = sum(conn.execute("SELECT pg_total_relation_size(%s::regclass)", (sql.Identifier(leaf).as_string(conn),)
-                            ).fetchone()[0] for leaf in leaves(table, month))
+                            ).fetchone()[0] for leaf in p.leaf_names(table, month))
     return Footprint(rows, size, warm_query_ms(conn, table, month, repeat))
 
 
 def warm_query(conn: psycopg.Connection, table: p.RangeTable, month: date) -> sql.Composed | None:
     """One key's history for the first week of the month, through the parent (as the app reads it)."""
-    key = WARM_LAYOUTS[table.name].sample_key
+    key = table.warm.sample_key
     child = sql.Identifier(p.child_name(table, month))
     value = conn.execute(sql.SQL("SELECT {k} FROM {c} WHERE {k} IS NOT NULL LIMIT 1").format(
         k=sql.Identifier(key), c=child)).fetchone()
@@ -120,7 +115,7 @@ def warm_query_ms(conn: psycopg.Connection, table: p.RangeTable, month: date, re
 
 def _order_index(conn: psycopg.Connection, table: p.RangeTable, month: date, leaf: str) -> tuple[str, bool]:
     """An index on `leaf` whose leading columns are the warm order: (name, temporary?)."""
-    order = list(WARM_LAYOUTS[table.name].order)
+    order = list(table.warm.order)
     rows = conn.execute(
         """SELECT i.indexrelid::regclass::text,
                   array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, n)
@@ -139,14 +134,14 @@ def _order_index(conn: psycopg.Connection, table: p.RangeTable, month: date, lea
 
 def rewrite(conn: psycopg.Connection, table: p.RangeTable, month: date) -> None:
     """Steps 1-2 in the caller's transaction: BRIN, CLUSTER each leaf, drop the replaced btrees."""
-    layout = WARM_LAYOUTS[table.name]
+    layout = table.warm
     child = p.child_name(table, month)
     conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(REWRITE_WORK_MEM)))
     conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {name} ON {child} USING brin ({cols}) WITH (pages_per_range = {ppr})"
                          ).format(name=sql.Identifier(layout.brin_name(table, month)), child=sql.Identifier(child),
                                   cols=sql.SQL(", ").join(sql.Identifier(c) for c in layout.brin),
                                   ppr=sql.Literal(layout.pages_per_range)))
-    for leaf in leaves(table, month):
+    for leaf in p.leaf_names(table, month):
         index, temporary = _order_index(conn, table, month, leaf)
         conn.execute(sql.SQL("CLUSTER {} USING {}").format(sql.Identifier(leaf), sql.SQL(index)))
         if temporary:
@@ -155,39 +150,34 @@ def rewrite(conn: psycopg.Connection, table: p.RangeTable, month: date) -> None:
         if index.suffix in layout.replaces:
             conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(p.index_name(table, month, index))))
     conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
-        sql.Identifier(child), sql.Literal(f"{state.WARM_COMMENT}: rewritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")))
+        sql.Identifier(child), sql.Literal(f"{p.WARM_COMMENT}: rewritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")))
 
 
 def vacuum_freeze(db: Database, table: p.RangeTable, month: date) -> None:
     child = p.child_name(table, month)
     with db.autocommit("primary") as conn:
-        for leaf in leaves(table, month):
+        for leaf in p.leaf_names(table, month):
             conn.execute(sql.SQL("VACUUM (FREEZE, ANALYZE) {}").format(sql.Identifier(leaf)))
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
             sql.Identifier(child),
-            sql.Literal(f"{state.WARM_COMMENT}: {state.VACUUMED} {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")))
+            sql.Literal(f"{p.WARM_COMMENT}: {p.VACUUMED} {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")))
 
 
-def _skip_reason(conn: psycopg.Connection, table: p.RangeTable, month: date, now: datetime, settings: Settings) -> str | None:
-    if not month_ops.is_attached(conn, table, month):
-        status = state.metadata_status(conn, table).get(month)
-        if status == "archived":
-            return "archived to the cold tier"
-        if state.frozen_relations(conn, table, month):
+def skip_reason(state: catalog.MonthState, decision: Decision) -> str | None:
+    """None when the month is due for (the rest of) its warm conversion, else why not."""
+    if decision.action is Action.WARM:
+        return None
+    if decision.action is Action.ARCHIVE:
+        if state.attached:
+            return f"cold, not warm: {decision.why}; the cold archive takes it"
+        if state.frozen:
             return "frozen by an unfinished cold archive run"
+        if state.archived:
+            return "archived to the cold tier"
         return "no child for this month"
-    ages = settings.tiers.for_table(table.name)
-    tier = bounds_decide(month, now, ages)
-    if tier is None:
-        decision = classify(month, state.newest_row(conn, table, p.child_name(table, month)), now, ages)
-        tier, why = decision.tier, decision.reason
-    else:
-        why = f"the whole month is {tier.value} (its bounds decide)"
-    if tier is Tier.HOT:
-        return f"not warm yet: {why}"
-    if tier is Tier.COLD:
-        return f"cold, not warm: {why}; the cold archive takes it"
-    return None
+    if state.archived:
+        return "archived to the cold tier"
+    return decision.reason
 
 
 def warm_month(db: Database, table: p.RangeTable | str, month: date, now: datetime | None = None,
@@ -199,15 +189,15 @@ def warm_month(db: Database, table: p.RangeTable | str, month: date, now: dateti
     logger = logger or log
     month = p.month_of(month)
     now = now or datetime.now(timezone.utc)
-    with month_lock(db, table.group, month, settings.tiers.lock_wait_s, logger):
+    policy = locks.tier_policy(settings.tiers)
+    with locks.tier_month_lock(db, table.group, p.month_year(month), policy, logger):
         with db.connect("primary") as conn:
-            skip = _skip_reason(conn, table, month, now, settings)
-            if skip is None:
-                rewritten, done = state.warm_layout_state(conn, table, month)
+            state = catalog.month_state(conn, table, month, default_rows="skip", newest=needs_newest(now, settings))
+        decision = decide(state, now, settings)
+        skip = skip_reason(state, decision)
         if skip is not None:
             return WarmOutcome(table.name, month, "skipped", skip)
-        if done:
-            return WarmOutcome(table.name, month, "skipped", "already warm: rewritten, BRIN-indexed and frozen")
+        rewritten = state.rewritten
         seconds: dict[str, float] = {}
         before = after = None
         if measure:
@@ -215,12 +205,12 @@ def warm_month(db: Database, table: p.RangeTable | str, month: date, now: dateti
                 before = footprint(conn, table, month)
         started = time.monotonic()
         if not rewritten:
-            def attempt() -> None:
+            def attempt(_: int) -> None:
                 with db.connect("primary") as conn:
-                    set_lock_timeout(conn, settings)
+                    locks.set_timeout(conn, "lock_timeout", policy.lock_timeout_ms)
                     rewrite(conn, table, month)
 
-            with_lock_retries(settings, f"warm rewrite of {p.child_name(table, month)}", attempt, logger)
+            locks.with_lock_retries(policy, f"warm rewrite of {p.child_name(table, month)}", attempt, logger)
             seconds["rewrite"] = time.monotonic() - started
         mark = time.monotonic()
         vacuum_freeze(db, table, month)

@@ -16,7 +16,6 @@ from wedefi_pipelines.ingest.prices import load_prices
 from wedefi_pipelines.ingest.reference import register_market
 from wedefi_pipelines.resources.cache import CacheResource
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings
 from wedefi_pipelines.sources.resources import MarketResource, PriceSourceResource
 
 REJECT_CHECK = "reject_ratio_within_threshold"
@@ -27,8 +26,8 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _lookback() -> timedelta:
-    return timedelta(hours=current_settings().ingestion.price_lookback_hours)
+def _lookback(database: DatabaseResource) -> timedelta:
+    return timedelta(hours=database.db.settings.ingestion.price_lookback_hours)
 
 
 class PriceSnapshotsConfig(dg.Config):
@@ -80,7 +79,7 @@ def price_snapshots(
     result.notes[:0] = plan.notes
     for note in result.notes:
         context.log.warning(note)
-    threshold = current_settings().ingestion.reject_warn_ratio
+    threshold = database.db.settings.ingestion.reject_warn_ratio
     return dg.MaterializeResult(
         metadata={**result.metadata(), "dagster/row_count": result.inserted},
         check_results=[dg.AssetCheckResult(
@@ -110,11 +109,11 @@ def token_balances(context: dg.AssetExecutionContext, config: TickConfig, databa
     USD value at the latest price; what the app's portfolio pages read. Synced in bulk on
     the primary; unchanged rows are not rewritten. The changed wallets are the cache's
     invalidation set."""
-    at = resolve_tick(config.tick, _now(), current_settings().ingestion.portfolio_tick_minutes)
+    at = resolve_tick(config.tick, _now(), database.db.settings.ingestion.portfolio_tick_minutes)
     source = market.market()
     with database.db.connection("balance_sync") as conn:
         register_market(conn, source)
-        result = sync_balances(conn, source.balances(at), at, _lookback())
+        result = sync_balances(conn, source.balances(at), at, _lookback(database))
     invalidation = invalidate_wallets(cache, database, result.changed_wallet_ids, families=["portfolio"],
                                       logger=context.log)
     return dg.MaterializeResult(metadata={**result.metadata(), "dagster/row_count": result.changed,
@@ -141,7 +140,7 @@ def portfolio_tick(context: dg.AssetExecutionContext, config: TickConfig, databa
                    market: MarketResource):
     """One portfolio tick: its PortfolioSnapshot rows and, in the same transaction, its
     PositionSnapshot rows. Re-running a tick changes nothing."""
-    tick = resolve_tick(config.tick, _now(), current_settings().ingestion.portfolio_tick_minutes)
+    tick = resolve_tick(config.tick, _now(), database.db.settings.ingestion.portfolio_tick_minutes)
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     with_positions = "position_snapshots" in selected
     source = market.market()
@@ -150,7 +149,7 @@ def portfolio_tick(context: dg.AssetExecutionContext, config: TickConfig, databa
         provision_tick(conn, tick)
         result = capture_tick(conn, tick, portfolio="portfolio_snapshots" in selected, positions=with_positions,
                               defi_positions=source.positions(tick) if with_positions else None,
-                              lookback=_lookback())
+                              lookback=_lookback(database))
     for note in result.notes:
         context.log.info(note)
     if "portfolio_snapshots" in selected:
@@ -167,7 +166,7 @@ def governance_locks(context: dg.AssetExecutionContext, config: TickConfig, data
     """Vote-escrow locks per wallet and protocol ("GovernanceLock"): amount, voting power,
     boost, lock end; the app's governance page (cached 30 minutes). Unchanged locks are not
     rewritten; the changed wallets are the cache's invalidation set."""
-    at = resolve_tick(config.tick, _now(), current_settings().ingestion.portfolio_tick_minutes)
+    at = resolve_tick(config.tick, _now(), database.db.settings.ingestion.portfolio_tick_minutes)
     source = market.market()
     with database.db.autocommit("primary") as conn:
         register_market(conn, source)
@@ -190,7 +189,7 @@ def asset_correlations(context: dg.AssetExecutionContext, config: CorrelationsCo
     """Pairwise correlation of returns between the top K held tokens over the seed's
     timeframes ("AssetCorrelation", token1Id < token2Id, with p-value and sample size): what
     the seed's calculateRiskMetrics reads. Prices are read from the analytics replica."""
-    settings = current_settings().ingestion
+    settings = database.db.settings.ingestion
     as_of = parse_utc(config.as_of, "as_of") if config.as_of else _now()
     top_k = config.top_k or settings.correlation_top_k
     if top_k < 2:

@@ -11,7 +11,7 @@ from wedefi_pipelines.defs.time_partitions import daily_partitions
 from wedefi_pipelines.ingest.history import scaled_market, seed_history
 from wedefi_pipelines.ingest.portfolio import parse_utc
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings, divides_a_day
+from wedefi_pipelines.settings import divides_a_day
 
 
 class SeedHistoryConfig(dg.Config):
@@ -34,14 +34,14 @@ class SeedHistoryConfig(dg.Config):
 def seed_history_op(context: dg.OpExecutionContext, config: SeedHistoryConfig, database: DatabaseResource) -> None:
     """Synthesize the history through the live write paths (idempotent: re-run to resume)."""
     end = parse_utc(config.end, "end") if config.end else datetime.now(timezone.utc).replace(tzinfo=None)
-    market = scaled_market(current_settings().sources.synthetic, config.scale, config.price_tick_minutes)
+    market = scaled_market(database.db.settings.sources.synthetic, config.scale, config.price_tick_minutes)
     context.log.info(f"history: {config.months} months to {end:%Y-%m-%d %H:%M}, {market.tokens} tokens, "
                      f"{market.wallets} wallets, prices every {config.price_tick_minutes} min, "
                      f"portfolio every {config.portfolio_tick_minutes} min")
     with database.db.autocommit("primary") as conn:
         result = seed_history(conn, market, months=config.months, end=end,
                               portfolio_every_minutes=config.portfolio_tick_minutes,
-                              lookback=timedelta(hours=current_settings().ingestion.price_lookback_hours),
+                              lookback=timedelta(hours=database.db.settings.ingestion.price_lookback_hours),
                               run_id=context.run_id, logger=context.log)
     first = p.month_bounds(p.parse_month(result.months[0]))[0]
     keys = set(daily_partitions.get_partition_keys())

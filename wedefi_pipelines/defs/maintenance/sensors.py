@@ -1,14 +1,14 @@
 """`partition_safety_sensor`: requests `partition_horizon_job` as soon as a month of the
 horizon is missing or rows wait in a default partition, instead of at the next daily
-schedule. The decision is in `safety.py`."""
+schedule. The decision is `provisioning.safety`'s."""
 
 from datetime import datetime, timezone
 
 import dagster as dg
 
-from wedefi_pipelines.defs.maintenance import safety
+from wedefi_pipelines import locks
+from wedefi_pipelines.provisioning import safety
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings
 
 HORIZON_JOB = "partition_horizon_job"  # defined by the provisioning domain, with its schedules
 HORIZON_OP = "partition_horizon"
@@ -39,10 +39,10 @@ def partition_safety_sensor(context: dg.SensorEvaluationContext, database: Datab
         filters=dg.RunsFilter(job_name=HORIZON_JOB, statuses=_UNFINISHED), limit=1)
     if unfinished:
         return dg.SkipReason(f"{HORIZON_JOB} run {unfinished[0].dagster_run.run_id} is not finished yet")
-    settings = current_settings()
+    settings = database.db.settings
     now = datetime.now(timezone.utc)
     with database.db.connect("primary") as conn:
-        conn.execute("SET LOCAL statement_timeout = %s" % int(settings.monitoring.statement_timeout_ms))
+        locks.set_timeout(conn, "statement_timeout", settings.monitoring.statement_timeout_ms)
         work = safety.pending_work(conn, now, settings.partitions.horizon_months, settings.partitions.start)
     key = safety.run_key(now.date(), work)
     summary = safety.summary(work)

@@ -104,7 +104,8 @@ def partition_horizon(
     concurrent runs create each child once and readers and writers are never stuck behind
     it. Scheduled monthly and daily (partition_horizon_monthly/_daily)."""
     with database.db.autocommit("primary") as conn:
-        report = provisioning.run_horizon(conn, config.months_ahead, today=datetime.now(timezone.utc))
+        report = provisioning.run_horizon(conn, config.months_ahead, today=datetime.now(timezone.utc),
+                                          earliest=database.db.settings.partitions.start)
     metadata = _horizon_metadata(report)
     for name, t in report.tables.items():
         for month, (count, reason) in t.left_in_default.items():

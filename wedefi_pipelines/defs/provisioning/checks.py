@@ -5,13 +5,12 @@ read the primary's catalog (a replica's may lag) with a statement timeout."""
 from datetime import datetime, timezone
 
 import dagster as dg
-from psycopg import sql
 
+from wedefi_pipelines import locks
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines import provisioning
 from wedefi_pipelines.defs.provisioning.assets import partition_horizon
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings
 
 
 # Counting a default partition by month reads all its rows: after a long outage that is
@@ -21,7 +20,7 @@ STATEMENT_TIMEOUT_MS = 60_000
 
 def _inspect(database: DatabaseResource) -> list[provisioning.TableInspection]:
     with database.db.connect("primary") as conn:
-        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(STATEMENT_TIMEOUT_MS)))
+        locks.set_timeout(conn, "statement_timeout", STATEMENT_TIMEOUT_MS)
         return provisioning.inspect_partitions(conn)
 
 
@@ -34,7 +33,7 @@ def horizon_covered(database: DatabaseResource) -> dg.AssetCheckResult:
     """Every range-partitioned table has the current month and the next
     partitions.horizon_months months attached (or archived), so no write lands in a
     default partition."""
-    ahead = current_settings().partitions.horizon_months
+    ahead = database.db.settings.partitions.horizon_months
     today = datetime.now(timezone.utc)
     missing = {t.table: _months(provisioning.missing_horizon_months(t.covered, today, ahead))
                for t in _inspect(database)}

@@ -11,12 +11,10 @@ partition for an archived month (re-running that month's cold_archive takes them
 import dagster as dg
 from psycopg import sql
 
-from wedefi_pipelines import month_ops
+from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.provisioning import default_rows_by_month
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
-from wedefi_pipelines.tiering import state
 
 _MISMATCHES = """
 SELECT m.month_year, m.record_count, coalesce(sum(o.record_count), 0), m.compressed_size,
@@ -42,28 +40,26 @@ def archive_metadata_consistent(db: Database, store: ArchiveStore) -> dg.AssetCh
     problems, archived_rows, objects_checked = [], 0, 0
     with db.connect("primary") as conn:
         for table in p.RANGE_TABLES:
-            meta, objects = sql.Identifier(f"{table.name}_archive_metadata"), sql.Identifier(f"{table.name}_archive_objects")
+            meta, objects = sql.Identifier(p.archive_metadata_name(table)), sql.Identifier(p.archive_objects_name(table))
             for row in conn.execute(sql.SQL(_MISMATCHES).format(meta=meta, objects=objects)):
                 problems.append(f"{table.name} {row[0]}: metadata says {row[1]} rows / {row[3]} B / hash {row[5]}, "
                                 f"its objects {row[2]} rows / {row[4]} B / hash {row[6]}")
-            statuses = state.metadata_status(conn, table)
-            attached = set(month_ops.attached_months(conn, table))
-            for month, status in statuses.items():
-                if status == "archived" and month in attached:
+            for month, state in catalog.read_table(conn, table, default_rows="skip").months.items():
+                if state.archived and state.attached:
                     problems.append(f"{table.name} {p.month_year(month)} is archived but its child is attached")
-            for month, names in state.all_frozen(conn, table).items():
-                problems.append(f"{table.name} {p.month_year(month)}: {names} frozen by an unfinished archive run "
-                                "(re-run its cold_archive partition)")
-            archived_rows += conn.execute(sql.SQL("SELECT coalesce(sum(record_count), 0) FROM {} WHERE status = 'archived'"
-                                                  ).format(meta)).fetchone()[0]
-            recorded = conn.execute(sql.SQL("SELECT object_key, size_bytes, crc64nvme FROM {}").format(objects)).fetchall()
-            for key, size, crc in recorded:
-                head = store.head(key)
-                objects_checked += 1
-                if head is None:
-                    problems.append(f"{store.uri(key)} is recorded but missing on S3")
-                elif (head.size, head.crc64nvme) != (size, crc):
-                    problems.append(f"{store.uri(key)}: {head.size} B crc {head.crc64nvme} on S3, recorded {size} B crc {crc}")
+                if state.frozen:
+                    problems.append(f"{table.name} {p.month_year(month)}: {state.frozen_relations} frozen by an "
+                                    "unfinished archive run (re-run its cold_archive partition)")
+                if state.archived:
+                    archived_rows += state.archived_rows
+                for obj in state.objects:
+                    head = store.head(obj.key)
+                    objects_checked += 1
+                    if head is None:
+                        problems.append(f"{store.uri(obj.key)} is recorded but missing on S3")
+                    elif (head.size, head.crc64nvme) != (obj.size_bytes, obj.crc64nvme):
+                        problems.append(f"{store.uri(obj.key)}: {head.size} B crc {head.crc64nvme} on S3, "
+                                        f"recorded {obj.size_bytes} B crc {obj.crc64nvme}")
     return dg.AssetCheckResult(
         check_name="archive_metadata_consistent", passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"problems": dg.MetadataValue.json(problems[:50]), "problem_count": len(problems),
@@ -73,11 +69,10 @@ def archive_metadata_consistent(db: Database, store: ArchiveStore) -> dg.AssetCh
 def archived_months_have_no_late_rows(db: Database) -> dg.AssetCheckResult:
     waiting = {}
     with db.connect("primary") as conn:
-        for table in p.RANGE_TABLES:
-            archived = {m for m, s in state.metadata_status(conn, table).items() if s == "archived"}
-            for month, rows in default_rows_by_month(conn, table).items():
-                if month in archived:
-                    waiting[f"{table.name} {p.month_year(month)}"] = rows
+        for table in catalog.read_catalog(conn).values():
+            for month, state in table.months.items():
+                if state.archived and state.has_default_rows:
+                    waiting[f"{table.table.name} {p.month_year(month)}"] = state.default_rows
     return dg.AssetCheckResult(
         check_name="archived_months_have_no_late_rows", passed=not waiting, severity=dg.AssetCheckSeverity.WARN,
         metadata={"late_rows": dg.MetadataValue.json(waiting),

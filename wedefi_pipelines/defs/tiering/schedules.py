@@ -7,14 +7,12 @@ never twice on the same day (Dagster never relaunches a run key).
 from datetime import datetime, timezone
 
 import dagster as dg
-from psycopg import sql
 
+from wedefi_pipelines import catalog, locks
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.defs.time_partitions import monthly_partitions
 from wedefi_pipelines.resources.database import DatabaseResource
-from wedefi_pipelines.settings import current_settings
-from wedefi_pipelines.tiering.policy import due_months
-from wedefi_pipelines.tiering.state import month_states
+from wedefi_pipelines.tiering.policy import due_months, needs_newest
 
 tiering_job = dg.define_asset_job(
     "tiering_job",
@@ -24,12 +22,11 @@ tiering_job = dg.define_asset_job(
 
 
 def tiering_requests(database: DatabaseResource, now: datetime, day: str) -> list[dg.RunRequest] | dg.SkipReason:
-    settings = current_settings()
+    settings = database.db.settings
     with database.db.connect("primary") as conn:
-        conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(
-            sql.Literal(settings.monitoring.statement_timeout_ms * 10)))
-        states = month_states(conn, now, settings)
-    due = due_months(states, now, {t.name: settings.tiers.for_table(t.name) for t in p.RANGE_TABLES})
+        locks.set_timeout(conn, "statement_timeout", settings.monitoring.statement_timeout_ms * 10)
+        states = catalog.month_states(conn, newest=needs_newest(now, settings))
+    due = due_months(states, now, settings)
     valid = set(monthly_partitions.get_partition_keys(current_time=now))
     requests = []
     for asset, months in (("warm_tier", due.warm), ("cold_archive", due.cold)):

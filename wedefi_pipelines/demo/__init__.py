@@ -29,13 +29,13 @@ from wedefi_pipelines.cache.store import count_keys
 from wedefi_pipelines.definitions import defs
 from wedefi_pipelines.defs.cache import redis_cache
 from wedefi_pipelines.defs.health.assets import index_usage_report, slow_query_report
-from wedefi_pipelines.defs.ingestion import walkthrough
 from wedefi_pipelines.defs.provisioning.assets import partition_horizon, table_partitions
 from wedefi_pipelines.defs.schema import database_schema
 from wedefi_pipelines.defs.tiering.assets import cold_archive, warm_tier
 from wedefi_pipelines.defs.tiering.schedules import tiering_requests
 from wedefi_pipelines.health.monitor import health_lines
 from wedefi_pipelines.ingest.report import format_rows
+from wedefi_pipelines.demo import ingestion as walkthrough
 from wedefi_pipelines.instance import instance_environment
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
@@ -43,7 +43,7 @@ from wedefi_pipelines.resources.database import Database, DatabaseResource
 from wedefi_pipelines.tiering.history import price_history
 from wedefi_pipelines.tiering.report import format_tiers, month_tiers
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 HISTORY_MONTHS = 14
 DEMO_LOG_LEVEL = "WARNING"
 
@@ -235,8 +235,6 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
 
 def _keep(stack: devstack.LocalStack) -> None:
     """Keep the stack up in the foreground, the cache warm, until Ctrl-C."""
-    from wedefi_pipelines.cli import wait_until_interrupted
-
     env = stack.env()
     stop = threading.Event()
     database = Database.from_env(env)
@@ -246,7 +244,7 @@ def _keep(stack: devstack.LocalStack) -> None:
     print("# the stack stays up (the cache refreshed every 60 s) until Ctrl-C; in another shell:")
     print(stack.export_lines(), flush=True)
     try:
-        wait_until_interrupted()
+        devstack.wait_until_interrupted()
     finally:
         stop.set()
         refresher.join(10)

@@ -5,7 +5,7 @@ them a month can go missing (a child detached by hand, a restore, a horizon shor
 in settings) or rows can land in a default partition (late or early data, an outage of
 the schedules). The sensor notices within a minute and requests the same job the
 schedules run. It asks only what the job itself would do, through
-`provisioning.plan_horizon`, so it never requests a run that would change nothing (rows
+`plan_horizon`, so it never requests a run that would change nothing (rows
 the horizon deliberately leaves in a default partition, such as late rows of an archived
 month, do not trigger it).
 
@@ -22,13 +22,11 @@ from datetime import date, datetime
 
 import psycopg
 
-from wedefi_pipelines import month_ops, provisioning
+from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
+from wedefi_pipelines.provisioning.horizon import HorizonPlan, plan_horizon
 
 RUN_KEY_PREFIX = "partition_safety"
-# Default-partition rows are looked for in [EARLIEST_SCANNED, current + MAX_MONTHS_AHEAD]: the
-# horizon leaves rows outside that window where they are, so they must not trigger a run.
-EARLIEST_SCANNED = date(1, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def _months(months: Sequence[date]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{names[0]}..{names[-1]} ({len(names)} months)"
 
 
-def table_work(table: str, plan: provisioning.HorizonPlan, default_months: Iterable[date]) -> TableWork:
+def table_work(table: str, plan: HorizonPlan, default_months: Iterable[date]) -> TableWork:
     """The horizon's plan for one table, reduced to what it would change."""
     drain = sorted(set(default_months) - set(plan.left_in_default))
     return TableWork(table, tuple(plan.ensure), tuple(drain))
@@ -90,13 +88,11 @@ def pending_work(
 ) -> list[TableWork]:
     """Reads the catalog, the archive metadata and which months have default-partition rows
     (a loose index scan: one probe per month found, however many rows wait there)."""
-    end = p.add_months(p.month_of(today), provisioning.MAX_MONTHS_AHEAD + 1)
     work = []
     for table in p.RANGE_TABLES:
-        attached = month_ops.attached_months(conn, table)
-        archived = provisioning.archived_months(conn, table)
-        waiting = (provisioning.months_with_default_rows(conn, table, EARLIEST_SCANNED, end)
-                   if provisioning.has_default_partition(conn, table) else [])
-        plan = provisioning.plan_horizon(today, months_ahead, attached, archived, waiting, earliest)
+        state = catalog.read_table(conn, table, default_rows="probe")
+        waiting = state.where(lambda s: s.has_default_rows)
+        plan = plan_horizon(today, months_ahead, state.attached, catalog.archived_months(conn, table), waiting,
+                            earliest)
         work.append(table_work(table.name, plan, waiting))
     return work
