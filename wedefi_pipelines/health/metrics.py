@@ -280,11 +280,12 @@ def prometheus_rules(settings: Settings) -> dict:
     mon = settings.monitoring
     tolerance = mon.healthcheck_tolerance_s
 
-    def alert(name: str, expr: str, severity: str, summary: str, wedefi_rule: str | None = None, for_: str | None = None):
+    def alert(name: str, expr: str, severity: str, summary: str, wedefi_rule: str | None = None, for_: str | None = None,
+              **labels: str):
         item = {"alert": name, "expr": expr}
         if for_:
             item["for"] = for_
-        item["labels"] = {"severity": severity, **({"wedefi_rule": wedefi_rule} if wedefi_rule else {})}
+        item["labels"] = {"severity": severity, **({"wedefi_rule": wedefi_rule} if wedefi_rule else {}), **labels}
         item["annotations"] = {"summary": summary, "runbook": "docs/runbook.md"}
         return item
 
@@ -332,7 +333,7 @@ def prometheus_rules(settings: Settings) -> dict:
             pg.append(alert("WedefiPipelineLongTransaction",
                             f'wedefi_pg_oldest_transaction_seconds{{sessions="{prefix}"}} > {_num(limit / 1000)}',
                             "warning", f"a {prefix} transaction open {{{{ $value }}}} s on {{{{ $labels.server }}}}",
-                            "LongTransaction"))
+                            "LongTransaction", sessions=prefix))
     pg += [
         alert("WedefiReplicationSlotRetainedWal",
               f"wedefi_pg_replication_slot_retained_bytes > {_num(t('ReplicationSlotRetainedWal'))}", "warning",
