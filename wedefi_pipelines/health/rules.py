@@ -152,15 +152,19 @@ def _ms(value: float) -> str:
 
 
 def _duration(ms: float) -> str:
-    """A duration for sentences: '850 ms', '42 s', '5.0 min', '2.0 h'."""
+    """A duration for sentences: '850 ms', '4.2 s', '42 s', '5 min', '1 h', '2.2 h'."""
     seconds = ms / 1000.0
+
+    def short(value: float) -> str:
+        return f"{value:,.1f}".removesuffix(".0")
+
     if seconds < 1:
         return f"{ms:,.0f} ms"
     if seconds < 120:
-        return f"{seconds:,.1f} s" if seconds < 10 else f"{seconds:,.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:,.1f} min"
-    return f"{seconds / 3600:,.1f} h"
+        return f"{short(seconds)} s" if seconds < 10 else f"{seconds:,.0f} s"
+    if seconds < 3600:
+        return f"{short(seconds / 60)} min"
+    return f"{short(seconds / 3600)} h"
 
 
 def server_label(server: str) -> str:
