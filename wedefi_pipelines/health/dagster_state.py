@@ -21,10 +21,14 @@ from wedefi_pipelines.health.healthcheck import Heartbeat, Instigator
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
 def heartbeats(instance: dg.DagsterInstance) -> tuple[list[Heartbeat], list[str]]:
     """(every daemon's latest heartbeat, the daemon types this instance requires)."""
-    beats = [Heartbeat(kind, beat.timestamp, tuple((e.message or "").strip().splitlines()[0] if e.message else ""
-                                                    for e in beat.errors or ()))
+    beats = [Heartbeat(kind, beat.timestamp, tuple(_first_line(e.message) for e in beat.errors or ()))
              for kind, beat in instance.get_daemon_heartbeats().items()]
     return beats, list(instance.get_required_daemon_types())
 

@@ -195,15 +195,10 @@ class HealthMonitor:
             slots = probes.replication_slots(conn, self.timeout_ms)
             return rules.slot_findings(label, slots, before, utcnow(), retained, inactive)
 
-        def unknown(label, before):
-            return {incident_key("replication_slot", f"{label}.{name}") for name in (before or {}).get("names", [])}
+        def unknown(label, before):  # a replica that cannot be asked keeps its slots' episodes
+            return {incident_key("replication_slot", f"{label}.{name}") for name in (before or {}).get("slots", [])}
 
-        def probe_with_names(label, conn, before):
-            findings, figures = probe(label, conn, before)
-            names = [f.subject.split(".", 1)[1] for f in findings if "." in f.subject]
-            return findings, {**figures, "names": names}
-
-        return self._per_server("replication_slot", previous, probe_with_names, unknown_keys=unknown)
+        return self._per_server("replication_slot", previous, probe, unknown_keys=unknown)
 
     def invalid_indexes(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
         """Invalid indexes of the app's database (the catalog is the primary's)."""

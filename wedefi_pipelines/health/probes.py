@@ -471,8 +471,8 @@ def dead_tuples(conn: psycopg.Connection, timeout_ms: int = DEFAULT_TIMEOUT_MS
                 ) -> tuple[AutovacuumSettings, list[TableDeadTuples]]:
     """The autovacuum settings and every table of this database holding dead tuples (leaf
     partitions included: a partitioned parent has no rows of its own). Reads the statistics
-    functions over pg_class directly: the pg_stat_user_tables view aggregates every column
-    of every table first, which measured several times dearer."""
+    functions over pg_class directly: the pg_stat_user_tables view computes every column of
+    every table first (it groups over their indexes)."""
     with bounded(conn, timeout_ms):
         enabled, threshold, scale, max_threshold = conn.execute(
             """SELECT current_setting('autovacuum')::bool, current_setting('autovacuum_vacuum_threshold')::int,

@@ -521,7 +521,7 @@ def _bytes(value: float | None) -> str:
 
 
 def slot_findings(
-    server: str, slots: Iterable[ReplicationSlot], previous: Mapping[str, Any] | None, now: datetime,
+    server: str, slots: list[ReplicationSlot], previous: Mapping[str, Any] | None, now: datetime,
     retained_threshold: float, inactive_ms: float,
 ) -> tuple[list[Finding], dict[str, Any]]:
     """One verdict per slot: breached when it retains more WAL than ReplicationSlotRetainedWal,
@@ -561,10 +561,11 @@ def slot_findings(
         findings.append(Finding("replication_slot", f"{server}.{slot.name}", breached, summary, evidence,
                                 severity="critical" if slot.wal_status in ("unreserved", "lost") else None,
                                 rule_name=rule))
+    names = [slot.name for slot in slots]
     if not findings:
         findings.append(Finding("replication_slot", server, False, f"no replication slot on the {label}",
                                 {"server": server}))
-    return findings, {"inactive": inactive_seen}
+    return findings, {"inactive": inactive_seen, "slots": names}
 
 
 # -- invalid indexes --------------------------------------------------------------------------
