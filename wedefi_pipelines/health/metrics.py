@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from wedefi_pipelines.health import platform, probes
 from wedefi_pipelines.health.monitor import HealthMonitor, one_line
-from wedefi_pipelines.health.rules import pipeline_limit
+from wedefi_pipelines.health.rules import autovacuum_threshold, pipeline_limit
 from wedefi_pipelines.settings import RANGE_TABLES, Settings
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,6 @@ class PlatformCollector(Collector):
                 out.gauge("pg_invalid_indexes", "invalid indexes (builds in progress excepted)", {},
                           len(probes.invalid_indexes(conn, timeout)))
             with self._probe(out, "dead_tuples", label):
-                from wedefi_pipelines.health.rules import autovacuum_threshold
-
                 av, tables = probes.dead_tuples(conn, timeout)
                 over = [t for t in tables if t.dead_tuples > autovacuum_threshold(t, av)]
                 out.gauge("pg_tables_over_autovacuum_threshold", "tables whose dead tuples exceed their autovacuum "
