@@ -11,8 +11,9 @@ read replica). Each probe runs on an already open connection, as a sensor tick d
 `--repeat` times in rounds that interleave every probe with the SELECT 1 baseline (so
 drift on this shared machine affects them alike). Printed: each probe's median and its
 ratio to the median SELECT 1 round trip. Goal: every probe a sensor runs <= 50x, cheap
-enough for a 30 s sensor interval. The report probes (daily) and whole sensor
-evaluations (three servers, connections included) are shown for information.
+enough for a 30 s sensor interval. The report probes (daily), whole sensor
+evaluations (every server they concern, connections included) and one metrics scrape
+are shown for information.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from psycopg import sql
 
 from wedefi_pipelines import devstack
 from wedefi_pipelines.health import probes
-from wedefi_pipelines.health.monitor import HealthMonitor
+from wedefi_pipelines.health.metrics import PlatformCollector
+from wedefi_pipelines.health.monitor import EVALUATIONS, HealthMonitor
 from wedefi_pipelines.migrations import migrate
 from wedefi_pipelines.resources.database import Database
 
@@ -124,6 +126,15 @@ def main() -> int:
             "running_queries (slow_query_sensor)": lambda: probes.running_queries(primary, 5000),
             "index_io (index_hit_ratio_sensor)": lambda: probes.index_io(primary),
             "connection_counts (connection_count_sensor)": lambda: probes.connection_counts(primary),
+            # issue 15
+            "database_age (wraparound_sensor)": lambda: probes.database_age(primary),
+            "open_transactions over 1 min (long_transactions_sensor)":
+                lambda: probes.open_transactions(primary, 60_000),
+            "replication_slots (replication_slots_sensor)": lambda: probes.replication_slots(primary),
+            "invalid_indexes (invalid_indexes_sensor)": lambda: probes.invalid_indexes(primary),
+            "dead_tuples (vacuum_health_sensor)": lambda: probes.dead_tuples(primary),
+            "database_counters (deadlocks_sensor)": lambda: probes.database_counters(primary),
+            "database_counters, replica (standby_conflicts_sensor)": lambda: probes.database_counters(replica),
         }
         report_probes = {
             "statement_snapshot, all, read time (report)":
@@ -136,11 +147,10 @@ def main() -> int:
         _base2, report = measure(report_probes, select_1, max(5, args.repeat // 4))
         with Database.from_env(env) as database:
             monitor = HealthMonitor(database)
-            evaluations = {f"HealthMonitor.{name}() (3 servers, connects)": (lambda fn=fn: fn(monitor))
-                           for name, fn in (("replication", HealthMonitor.replication),
-                                            ("slow_queries", HealthMonitor.slow_queries),
-                                            ("index_hit_ratio", HealthMonitor.index_hit_ratio),
-                                            ("connections", HealthMonitor.connections))}
+            evaluations = {f"HealthMonitor.{name}() (connects)": (lambda fn=fn: fn(monitor))
+                           for name, fn in EVALUATIONS.items()}
+            collector = PlatformCollector(database)
+            evaluations["metrics scrape (every probe, platform figures)"] = lambda: list(collector.collect())
             _base3, whole = measure(evaluations, select_1, max(5, args.repeat // 10))
         print(f"  {'SELECT 1 round trip (baseline)':<56} {base * 1000:8.3f} ms      1.0x")
         worst = 0.0

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from wedefi_pipelines import devstack
+from wedefi_pipelines.health.cli import add_health_parsers
 from wedefi_pipelines.tiering.history_cli import add_history_parser
 
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--database-url", help="override DATABASE_URL_PRIMARY")
     mig.set_defaults(func=cmd_migrate)
     add_history_parser(sub)
+    add_health_parsers(sub)
     return parser
 
 

@@ -77,39 +77,80 @@ class RoutingSettings(_Strict):
 
 # -- alerting (the seed's "Automated Performance Alerting" list) ---------------------------
 
+# rule -> (metric, operator, kind): kind "ms" a duration (ms, s, m/min, h), "%" a ratio,
+# "bytes" a size (B, kB, MB, GB, TB: powers of 1024, like PostgreSQL's), "" a plain number.
 _ALERT_METRICS = {
     "SlowQueryDetected": ("query_duration", ">", "ms"),
     "HighConnectionCount": ("active_connections", ">", ""),
     "IndexScanEfficiency": ("index_hit_ratio", "<", "%"),
     "ReplicationLag": ("replica_lag", ">", "ms"),
+    # issue 15: what the trusted monitors alert on beyond the seed's four
+    "HighConnectionUsage": ("connection_usage", ">", "%"),
+    "TransactionIdWraparound": ("xid_age", ">", ""),
+    "MultixactWraparound": ("multixact_age", ">", ""),
+    "LongTransaction": ("transaction_age", ">", "ms"),
+    "IdleInTransaction": ("idle_in_transaction_age", ">", "ms"),
+    "ReplicationSlotRetainedWal": ("retained_wal", ">", "bytes"),
+    "ReplicationSlotInactive": ("slot_inactive", ">", "ms"),
+    "InvalidIndex": ("invalid_indexes", ">", ""),
+    "VacuumBacklog": ("dead_tuples_over_threshold_for", ">", "ms"),
+    "Deadlocks": ("deadlocks_per_minute", ">", ""),
+    "StandbyConflicts": ("standby_conflicts", ">", ""),
 }
-_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*(\d+(?:\.\d+)?)\s*(ms|s|%)?\s*$")
+AlertName = Literal[
+    "SlowQueryDetected", "HighConnectionCount", "IndexScanEfficiency", "ReplicationLag", "HighConnectionUsage",
+    "TransactionIdWraparound", "MultixactWraparound", "LongTransaction", "IdleInTransaction",
+    "ReplicationSlotRetainedWal", "ReplicationSlotInactive", "InvalidIndex", "VacuumBacklog", "Deadlocks",
+    "StandbyConflicts",
+]
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|%|B|kB|MB|GB|TB)?\s*$")
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000}
+_BYTE_UNITS = {"B": 1, "kB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}
 
 
 class AlertRule(_Strict):
-    name: Literal["SlowQueryDetected", "HighConnectionCount", "IndexScanEfficiency", "ReplicationLag"]
+    name: AlertName
     condition: str
     action: str = "log_and_alert"
+    # An optional second condition on the same metric past which the alert is critical.
+    critical: str | None = None
 
     @model_validator(mode="after")
     def _condition_matches_name(self) -> "AlertRule":
         self.threshold  # parse now so a bad condition fails at load time
+        critical = self.critical_threshold
+        if critical is not None:
+            _metric, op, _unit = _ALERT_METRICS[self.name]
+            if (critical <= self.threshold) if op == ">" else (critical >= self.threshold):
+                raise ValueError(f"{self.name}: critical ({self.critical}) must be past the condition "
+                                 f"({self.condition})")
         return self
 
     @property
     def threshold(self) -> float:
+        return self._parse(self.condition)
+
+    @property
+    def critical_threshold(self) -> float | None:
+        return None if self.critical is None else self._parse(self.critical)
+
+    def _parse(self, condition: str) -> float:
         metric, op, unit = _ALERT_METRICS[self.name]
-        match = _CONDITION.match(self.condition)
+        match = _CONDITION.match(condition)
         if not match:
-            raise ValueError(f"condition {self.condition!r} is not '<metric> {op} <number>{unit}'")
+            raise ValueError(f"condition {condition!r} is not '<metric> {op} <number>{unit}'")
         got_metric, got_op, number, got_unit = match.groups()
         if got_metric != metric or got_op != op:
-            raise ValueError(f"{self.name} needs a condition on '{metric} {op} ...', got {self.condition!r}")
+            raise ValueError(f"{self.name} needs a condition on '{metric} {op} ...', got {condition!r}")
         value = float(number)
         if unit == "ms":
-            if got_unit not in ("ms", "s", None):
-                raise ValueError(f"{self.name}: unit must be ms or s, got {got_unit!r}")
-            return value * (1000 if got_unit == "s" else 1)
+            if got_unit not in (*_DURATION_UNITS_MS, None):
+                raise ValueError(f"{self.name}: unit must be ms, s, m/min or h, got {got_unit!r}")
+            return value * _DURATION_UNITS_MS[got_unit or "ms"]
+        if unit == "bytes":
+            if got_unit not in (*_BYTE_UNITS, None):
+                raise ValueError(f"{self.name}: unit must be B, kB, MB, GB or TB, got {got_unit!r}")
+            return value * _BYTE_UNITS[got_unit or "B"]
         if unit == "%":
             if got_unit not in ("%", None):
                 raise ValueError(f"{self.name}: unit must be %, got {got_unit!r}")
@@ -126,7 +167,42 @@ DEFAULT_ALERTS = (
     AlertRule(name="HighConnectionCount", condition="active_connections > 80", action="scale_read_replicas"),
     AlertRule(name="IndexScanEfficiency", condition="index_hit_ratio < 95%", action="analyze_missing_indexes"),
     AlertRule(name="ReplicationLag", condition="replica_lag > 1000ms", action="investigate_replication"),
+    # Defaults below from postgres_exporter's alert mixin and awesome-prometheus-alerts (docs/health.md).
+    AlertRule(name="HighConnectionUsage", condition="connection_usage > 80%", action="scale_read_replicas"),
+    AlertRule(name="TransactionIdWraparound", condition="xid_age > 1000000000", critical="xid_age > 1500000000",
+              action="vacuum_freeze"),
+    AlertRule(name="MultixactWraparound", condition="multixact_age > 1000000000",
+              critical="multixact_age > 1500000000", action="vacuum_freeze"),
+    AlertRule(name="LongTransaction", condition="transaction_age > 5min", action="end_long_transactions"),
+    AlertRule(name="IdleInTransaction", condition="idle_in_transaction_age > 1min", action="end_long_transactions"),
+    AlertRule(name="ReplicationSlotRetainedWal", condition="retained_wal > 1GB", action="fix_replication_slot"),
+    AlertRule(name="ReplicationSlotInactive", condition="slot_inactive > 30min", action="fix_replication_slot"),
+    AlertRule(name="InvalidIndex", condition="invalid_indexes > 0", action="rebuild_invalid_index"),
+    AlertRule(name="VacuumBacklog", condition="dead_tuples_over_threshold_for > 1h", action="investigate_vacuum"),
+    AlertRule(name="Deadlocks", condition="deadlocks_per_minute > 5", action="investigate_locking"),
+    AlertRule(name="StandbyConflicts", condition="standby_conflicts > 0", action="investigate_replica_queries"),
 )
+
+
+def _parse_session_limits(value: Any) -> Any:
+    """{application_name prefix: duration or null}: durations as for the other settings."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of application_name prefix to a duration (or null), got {value!r}")
+    out = {}
+    for prefix, limit in value.items():
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"an application_name prefix must be a non-empty string, got {prefix!r}")
+        out[prefix] = None if limit is None else parse_duration_ms(limit)
+    return out
+
+
+DEFAULT_PIPELINE_SESSIONS = {
+    # every connection of this project: pools ('wedefi-pipelines:primary', the warm rewrite's
+    # CLUSTER and VACUUM among them), probes, routing checks
+    "wedefi-pipelines": 2 * 3_600_000.0,
+    "wedefi-pipelines:archive-export": 6 * 3_600_000.0,  # a cold month's export transaction
+    "wedefi-pipelines:adopt": 24 * 3_600_000.0,  # online adoption: CREATE INDEX CONCURRENTLY on whole tables
+}
 
 
 class MonitoringSettings(_Strict):
@@ -145,6 +221,14 @@ class MonitoringSettings(_Strict):
     # A breach episode ends (and its alert resolves) once its probe has passed this long:
     # damps flapping, and keeps one-off breaches (a slow query) open long enough to dispatch.
     clear_after_s: int = Field(300, ge=0, le=86_400)
+    # The pipeline's own sessions (by application_name prefix, the longest matching wins) are
+    # held to these transaction ages instead of LongTransaction/IdleInTransaction; null:
+    # never alerted on. A warm rewrite, an archive export or an adoption is long on purpose.
+    pipeline_sessions: Annotated[dict[str, float | None], BeforeValidator(_parse_session_limits)] = Field(
+        default_factory=lambda: dict(DEFAULT_PIPELINE_SESSIONS))
+    # `wedefi-pipelines healthcheck`: a daemon heartbeat, or a RUNNING sensor's tick, is late
+    # once older than its interval plus this.
+    healthcheck_tolerance_s: int = Field(300, ge=0, le=86_400)
 
 
 # -- tiers, partitions, sources, cache -------------------------------------------------------
@@ -307,11 +391,14 @@ class Settings(_Strict):
         given = {r.name: r for r in rules}
         return tuple(given.get(d.name, d) for d in DEFAULT_ALERTS)
 
-    def alert_threshold(self, name: str) -> float:
+    def alert_rule(self, name: str) -> AlertRule:
         for rule in self.alerts:
             if rule.name == name:
-                return rule.threshold
+                return rule
         raise KeyError(name)
+
+    def alert_threshold(self, name: str) -> float:
+        return self.alert_rule(name).threshold
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

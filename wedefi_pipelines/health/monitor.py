@@ -17,6 +17,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from wedefi_pipelines.health import probes, rules
+from wedefi_pipelines.health.alerting import utcnow
 from wedefi_pipelines.health.rules import Evaluation, ExpectedReplica, incident_key
 from wedefi_pipelines.resources.database import Database, Server
 from wedefi_pipelines.settings import Settings
@@ -56,27 +57,38 @@ class HealthMonitor:
                 found.append((SERVER_LABELS[server], server))
         return found
 
-    def _per_server(self, condition: str, previous: Mapping[str, Any] | None, probe) -> Evaluation:
-        """Run `probe(label, conn, previous_for_label) -> (finding, baseline)` on each server;
-        an unreachable replica is unknown and keeps its previous baseline."""
+    def _per_server(self, condition: str, previous: Mapping[str, Any] | None, probe,
+                    servers: list[tuple[str, Server]] | None = None, unknown_keys=None) -> Evaluation:
+        """Run `probe(label, conn, previous_for_label) -> (finding or findings, baseline)` on
+        each server (all of them unless `servers` says which); an unreachable replica is
+        unknown (its incident, or those `unknown_keys(label, previous_for_label)` names) and
+        keeps its previous baseline."""
         previous = previous or {}
         findings, unknown, notes, baseline = [], set(), [], {}
-        for label, server in self.servers():
+        for label, server in self.servers() if servers is None else servers:
             try:
                 with self.db.autocommit(server) as conn:
-                    finding, figures = probe(label, conn, previous.get(label))
+                    found, figures = probe(label, conn, previous.get(label))
             except psycopg.OperationalError as exc:
                 if server == "primary":
                     raise
                 unknown.add(incident_key(condition, label))
+                if unknown_keys is not None:
+                    unknown.update(unknown_keys(label, previous.get(label)))
                 notes.append(f"{label} not evaluated: {one_line(exc)}")
                 if label in previous:
                     baseline[label] = previous[label]
                 continue
-            findings.append(finding)
+            findings.extend(found if isinstance(found, list) else [found])
             if figures is not None:
                 baseline[label] = figures
         return Evaluation(tuple(findings), frozenset(unknown), tuple(notes), baseline)
+
+    def _primary(self):
+        return self.servers()[:1]
+
+    def _replicas(self):
+        return self.servers()[1:]
 
     # -- the four conditions ---------------------------------------------------------------
     def replication(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
@@ -131,22 +143,106 @@ class HealthMonitor:
         return self._per_server("index_hit_ratio", previous, probe)
 
     def connections(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
-        """Client backends per server, idle included, against HighConnectionCount."""
+        """Client backends per server, idle included, against HighConnectionCount and
+        HighConnectionUsage (a percentage of max_connections - superuser_reserved_connections)."""
         threshold = self.settings.alert_threshold("HighConnectionCount")
+        usage = self.settings.alert_threshold("HighConnectionUsage")
 
         def probe(label, conn, _before):
-            return rules.connection_finding(label, probes.connection_counts(conn, self.timeout_ms), threshold), None
+            counts = probes.connection_counts(conn, self.timeout_ms)
+            return rules.connection_finding(label, counts, threshold, usage), None
 
         return self._per_server("connection_count", previous, probe)
 
+    # -- issue 15: what takes PostgreSQL down beyond the seed's four ----------------------------
+    def wraparound(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Transaction ID and multixact age of the app's database, on the primary (a
+        replica's catalog is the primary's)."""
+        xid, mxid = (self.settings.alert_rule(n) for n in ("TransactionIdWraparound", "MultixactWraparound"))
+        xid_t = rules.Threshold(xid.threshold, xid.critical_threshold)
+        mxid_t = rules.Threshold(mxid.threshold, mxid.critical_threshold)
+
+        def probe(label, conn, _before):
+            age = probes.database_age(conn, self.timeout_ms)
+            if age.xid_age > xid_t.warning or age.multixact_age > mxid_t.warning:
+                age = probes.database_age(conn, self.timeout_ms, with_tables=True)
+            return rules.wraparound_findings(label, age, xid_t, mxid_t), None
+
+        return self._per_server("xid_wraparound", previous, probe, self._primary())
+
+    def long_transactions(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """The oldest open transactions and idle-in-transaction sessions on every server
+        (on a replica they cause replay conflicts, or hold the primary's vacuum back through
+        hot_standby_feedback); the pipeline's own sessions against their own limits."""
+        long_ms = self.settings.alert_threshold("LongTransaction")
+        idle_ms = self.settings.alert_threshold("IdleInTransaction")
+        own = self.settings.monitoring.pipeline_sessions
+        floor = min([long_ms, idle_ms] + [v for v in own.values() if v is not None])
+
+        def probe(label, conn, _before):
+            transactions = probes.open_transactions(conn, floor, self.timeout_ms)
+            return rules.transaction_findings(label, transactions, long_ms, idle_ms, own), None
+
+        return self._per_server("long_transaction", previous, probe,
+                                unknown_keys=lambda label, _p: {incident_key("idle_in_transaction", label)})
+
+    def replication_slots(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Every replication slot on every server: retained WAL, wal_status, inactivity."""
+        retained = self.settings.alert_threshold("ReplicationSlotRetainedWal")
+        inactive = self.settings.alert_threshold("ReplicationSlotInactive")
+
+        def probe(label, conn, before):
+            slots = probes.replication_slots(conn, self.timeout_ms)
+            return rules.slot_findings(label, slots, before, utcnow(), retained, inactive)
+
+        def unknown(label, before):  # a replica that cannot be asked keeps its slots' episodes
+            return {incident_key("replication_slot", f"{label}.{name}") for name in (before or {}).get("slots", [])}
+
+        return self._per_server("replication_slot", previous, probe, unknown_keys=unknown)
+
+    def invalid_indexes(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Invalid indexes of the app's database (the catalog is the primary's)."""
+        threshold = self.settings.alert_threshold("InvalidIndex")
+
+        def probe(label, conn, _before):
+            return rules.invalid_index_finding(label, probes.invalid_indexes(conn, self.timeout_ms), threshold), None
+
+        return self._per_server("invalid_index", previous, probe, self._primary())
+
+    def vacuum_health(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Tables (leaf partitions included) above their autovacuum threshold for longer than
+        VacuumBacklog, on the primary (a replica cannot vacuum)."""
+        for_ms = self.settings.alert_threshold("VacuumBacklog")
+
+        def probe(label, conn, before):
+            av, tables = probes.dead_tuples(conn, self.timeout_ms)
+            return rules.vacuum_finding(label, av, tables, before, utcnow(), for_ms)
+
+        return self._per_server("vacuum_backlog", previous, probe, self._primary())
+
+    def deadlocks(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Deadlocks per minute in the app's database since the previous evaluation, per server."""
+        per_minute = self.settings.alert_threshold("Deadlocks")
+
+        def probe(label, conn, before):
+            counters, now = probes.database_counters(conn, self.timeout_ms), utcnow()
+            return rules.deadlock_finding(label, counters, before, now, per_minute), rules.counter_baseline(counters, now)
+
+        return self._per_server("deadlocks", previous, probe)
+
+    def standby_conflicts(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """Queries each replica cancelled for replay since the previous evaluation."""
+        threshold = self.settings.alert_threshold("StandbyConflicts")
+
+        def probe(label, conn, before):
+            counters, now = probes.database_counters(conn, self.timeout_ms), utcnow()
+            return rules.conflict_finding(label, counters, before, now, threshold), rules.counter_baseline(counters, now)
+
+        return self._per_server("standby_conflict", previous, probe, self._replicas())
+
     def evaluate_all(self) -> dict[str, Evaluation]:
         """Every probe once, each since its statistics' reset (the demo's snapshot)."""
-        return {
-            "replication": self.replication(),
-            "slow_queries": self.slow_queries(),
-            "index_hit_ratio": self.index_hit_ratio(),
-            "connections": self.connections(),
-        }
+        return {name: evaluate(self) for name, evaluate in EVALUATIONS.items()}
 
 
 EVALUATIONS = {
@@ -154,6 +250,13 @@ EVALUATIONS = {
     "slow_queries": HealthMonitor.slow_queries,
     "index_hit_ratio": HealthMonitor.index_hit_ratio,
     "connections": HealthMonitor.connections,
+    "wraparound": HealthMonitor.wraparound,
+    "long_transactions": HealthMonitor.long_transactions,
+    "replication_slots": HealthMonitor.replication_slots,
+    "invalid_indexes": HealthMonitor.invalid_indexes,
+    "vacuum_health": HealthMonitor.vacuum_health,
+    "deadlocks": HealthMonitor.deadlocks,
+    "standby_conflicts": HealthMonitor.standby_conflicts,
 }
 
 
@@ -164,8 +267,8 @@ def health_lines(database: Database, settings: Settings | None = None) -> list[s
     lines = ["health (every probe once, each since its statistics' reset):"]
     for name, evaluation in HealthMonitor(database, settings).evaluate_all().items():
         for finding in evaluation.findings:
-            lines.append(f"  {name:<16} {'BREACH' if finding.breached else 'ok':<6} {finding.summary}")
-        lines.extend(f"  {name:<16} {'?':<6} {note}" for note in evaluation.notes)
+            lines.append(f"  {name:<17} {'BREACH' if finding.breached else 'ok':<6} {finding.summary}")
+        lines.extend(f"  {name:<17} {'?':<6} {note}" for note in evaluation.notes)
     with database.connection("alert_processing") as conn:
         alerts = open_alerts(conn)
     lines.append(f"open alerts: {len(alerts) or 'none'}")

@@ -12,8 +12,9 @@ database_health = dg.AssetSpec(
     kinds={"postgres"},
     description=(
         "WeDefiDaily's live PostgreSQL servers (the primary and the replicas behind DATABASE_URL_READ "
-        "and DATABASE_URL_ANALYTICS). Nothing materializes it: its four blocking checks (replication_lag, "
-        "slow_queries, index_hit_ratio, connection_count) are what the health sensors run when a probe "
+        "and DATABASE_URL_ANALYTICS). Nothing materializes it: its blocking checks (replication_lag, "
+        "slow_queries, index_hit_ratio, connection_count, wraparound, long_transactions, replication_slots, "
+        "invalid_indexes, vacuum_health, deadlocks, standby_conflicts) are what the health sensors run when a probe "
         "breaches, and a failed check becomes an \"Alert\" row. See docs/health.md."
     ),
 )

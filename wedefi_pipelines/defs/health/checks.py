@@ -80,7 +80,45 @@ index_hit_ratio_check = _health_check(
 )
 connection_count_check = _health_check(
     "connection_count", HealthMonitor.connections,
-    "On each server, client connections (idle included) stay at or below HighConnectionCount (80).",
+    "On each server, client connections (idle included) stay at or below HighConnectionCount (80) and "
+    "HighConnectionUsage (80% of max_connections - superuser_reserved_connections).",
 )
 
-HEALTH_CHECKS = [replication_lag_check, slow_queries_check, index_hit_ratio_check, connection_count_check]
+# issue 15
+wraparound_check = _health_check(
+    "wraparound", HealthMonitor.wraparound,
+    "The app database's transaction ID and multixact ages stay under TransactionIdWraparound and "
+    "MultixactWraparound (1.0 billion; critical past 1.5 billion).",
+)
+long_transactions_check = _health_check(
+    "long_transactions", HealthMonitor.long_transactions,
+    "On each server, no app transaction open longer than LongTransaction (5 min) nor idle in transaction longer "
+    "than IdleInTransaction (1 min); the pipeline's own sessions within monitoring.pipeline_sessions.",
+)
+replication_slots_check = _health_check(
+    "replication_slots", HealthMonitor.replication_slots,
+    "No replication slot retains more WAL than ReplicationSlotRetainedWal (1 GB), stays inactive longer than "
+    "ReplicationSlotInactive (30 min), or has its WAL 'unreserved' or 'lost'.",
+)
+invalid_indexes_check = _health_check(
+    "invalid_indexes", HealthMonitor.invalid_indexes,
+    "No invalid index (left by an interrupted CREATE INDEX CONCURRENTLY) beyond InvalidIndex (0), builds in "
+    "progress excepted.",
+)
+vacuum_health_check = _health_check(
+    "vacuum_health", HealthMonitor.vacuum_health,
+    "No table's dead tuples stay above its autovacuum threshold for longer than VacuumBacklog (1 h).",
+)
+deadlocks_check = _health_check(
+    "deadlocks", HealthMonitor.deadlocks,
+    "On each server, deadlocks since the sensor's previous tick stay at or below Deadlocks (5 per minute).",
+)
+standby_conflicts_check = _health_check(
+    "standby_conflicts", HealthMonitor.standby_conflicts,
+    "On each replica, queries cancelled by recovery conflicts since the sensor's previous tick stay at or below "
+    "StandbyConflicts (0).",
+)
+
+HEALTH_CHECKS = [replication_lag_check, slow_queries_check, index_hit_ratio_check, connection_count_check,
+                 wraparound_check, long_transactions_check, replication_slots_check, invalid_indexes_check,
+                 vacuum_health_check, deadlocks_check, standby_conflicts_check]

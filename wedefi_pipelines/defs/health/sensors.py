@@ -20,10 +20,15 @@ from wedefi_pipelines.health.rules import CursorState, Evaluation
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
-from .checks import connection_count_check, index_hit_ratio_check, replication_lag_check, slow_queries_check
+from .checks import (connection_count_check, deadlocks_check, index_hit_ratio_check, invalid_indexes_check,
+                     long_transactions_check, replication_lag_check, replication_slots_check, slow_queries_check,
+                     standby_conflicts_check, vacuum_health_check, wraparound_check)
 from .incidents import (TAG_EPISODE, TAG_INCIDENT, TAG_RULE, TAG_SEVERITY, TAG_TYPE, TAG_WILL_RETRY,
                         incident_for_run)
-from .jobs import connection_count_check_job, index_hit_ratio_check_job, replication_lag_check_job, slow_query_check_job
+from .jobs import (connection_count_check_job, deadlocks_check_job, index_hit_ratio_check_job,
+                   invalid_indexes_check_job, long_transactions_check_job, replication_lag_check_job,
+                   replication_slots_check_job, slow_query_check_job, standby_conflicts_check_job,
+                   vacuum_health_check_job, wraparound_check_job)
 from .resources import AlertSinkResource
 
 _INTERVAL_S = current_settings().monitoring.sensor_interval_s
@@ -100,8 +105,52 @@ index_hit_ratio_sensor = _health_sensor(
 connection_count_sensor = _health_sensor(
     "connection_count_sensor", ("connection_count",), HealthMonitor.connections, connection_count_check,
     connection_count_check_job,
-    "Client connections (idle included) past HighConnectionCount (80) on any server: requests "
-    "connection_count_check_job.",
+    "Client connections (idle included) past HighConnectionCount (80), or past HighConnectionUsage (80% of "
+    "max_connections - superuser_reserved_connections), on any server: requests connection_count_check_job.",
+)
+
+# issue 15: what takes PostgreSQL down beyond the seed's four alerts
+wraparound_sensor = _health_sensor(
+    "wraparound_sensor", ("xid_wraparound", "multixact_wraparound"), HealthMonitor.wraparound, wraparound_check,
+    wraparound_check_job,
+    "age(datfrozenxid) and mxid_age(datminmxid) of the app database past TransactionIdWraparound / "
+    "MultixactWraparound (1.0 billion, critical 1.5 billion): requests wraparound_check_job.",
+)
+long_transactions_sensor = _health_sensor(
+    "long_transactions_sensor", ("long_transaction", "idle_in_transaction"), HealthMonitor.long_transactions,
+    long_transactions_check, long_transactions_check_job,
+    "App transactions open past LongTransaction (5 min) or idle in transaction past IdleInTransaction (1 min) on "
+    "any server, naming pid, user, application and start; the pipeline's own sessions (application_name "
+    "wedefi-pipelines...) only past monitoring.pipeline_sessions: requests long_transactions_check_job.",
+)
+replication_slots_sensor = _health_sensor(
+    "replication_slots_sensor", ("replication_slot",), HealthMonitor.replication_slots, replication_slots_check,
+    replication_slots_check_job,
+    "Replication slots retaining over ReplicationSlotRetainedWal (1 GB), inactive past ReplicationSlotInactive "
+    "(30 min), or with wal_status unreserved/lost, on any server: requests replication_slots_check_job.",
+)
+invalid_indexes_sensor = _health_sensor(
+    "invalid_indexes_sensor", ("invalid_index",), HealthMonitor.invalid_indexes, invalid_indexes_check,
+    invalid_indexes_check_job,
+    "Invalid indexes (an interrupted CREATE INDEX CONCURRENTLY) past InvalidIndex (0), builds in progress "
+    "excepted: requests invalid_indexes_check_job.",
+)
+vacuum_health_sensor = _health_sensor(
+    "vacuum_health_sensor", ("vacuum_backlog",), HealthMonitor.vacuum_health, vacuum_health_check,
+    vacuum_health_check_job,
+    "Tables and partitions whose dead tuples stay above their autovacuum threshold past VacuumBacklog (1 h): "
+    "requests vacuum_health_check_job.",
+)
+deadlocks_sensor = _health_sensor(
+    "deadlocks_sensor", ("deadlocks",), HealthMonitor.deadlocks, deadlocks_check, deadlocks_check_job,
+    "Deadlocks per minute since the previous tick past Deadlocks (5/min) on any server: requests "
+    "deadlocks_check_job.",
+)
+standby_conflicts_sensor = _health_sensor(
+    "standby_conflicts_sensor", ("standby_conflict",), HealthMonitor.standby_conflicts, standby_conflicts_check,
+    standby_conflicts_check_job,
+    "Queries a replica cancelled for replay (pg_stat_database_conflicts) since the previous tick past "
+    "StandbyConflicts (0): requests standby_conflicts_check_job.",
 )
 
 
@@ -124,4 +173,5 @@ def alert_on_run_failure(context: dg.RunFailureSensorContext, database: Database
 
 
 HEALTH_SENSORS = [replication_lag_sensor, slow_query_sensor, index_hit_ratio_sensor, connection_count_sensor,
-                  alert_on_run_failure]
+                  wraparound_sensor, long_transactions_sensor, replication_slots_sensor, invalid_indexes_sensor,
+                  vacuum_health_sensor, deadlocks_sensor, standby_conflicts_sensor, alert_on_run_failure]
