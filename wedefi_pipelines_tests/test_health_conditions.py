@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from wedefi_pipelines.defs.health import sensors
-from wedefi_pipelines.health import probes
+from wedefi_pipelines.health import maintenance_probes
 from wedefi_pipelines.health.monitor import HealthMonitor
 
 from .test_health import fail_and_alert, only_request, wait_until
@@ -246,7 +246,7 @@ def test_an_index_being_built_concurrently_is_not_invalid_yet(db_env, health_set
                                     "AND NOT indisvalid").fetchone()[0] if conn.execute(
                     "SELECT to_regclass('ix_building_v')").fetchone()[0] else 0
             wait_until(waiting, "the concurrent build to create its index")
-            assert probes.invalid_indexes(conn) == []
+            assert maintenance_probes.invalid_indexes(conn) == []
             with db_env.database() as database:
                 assert not HealthMonitor(database).invalid_indexes().breached
     finally:
@@ -254,7 +254,7 @@ def test_an_index_being_built_concurrently_is_not_invalid_yet(db_env, health_set
         thread.join(30)
         builder.close()
     with db_env.connect() as conn:
-        assert probes.invalid_indexes(conn) == []
+        assert maintenance_probes.invalid_indexes(conn) == []
 
 
 # -- vacuum ------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def test_a_deadlock_between_two_sessions_opens_one_alert(db_env, instance, healt
     with db_env.connect() as conn:
         conn.execute("CREATE TABLE dl_probe (id int PRIMARY KEY, v int)")
         conn.execute("INSERT INTO dl_probe VALUES (1, 0), (2, 0)")
-        before = probes.database_counters(conn).deadlocks
+        before = maintenance_probes.database_counters(conn).deadlocks
     ticker = Ticker(sensors.deadlocks_sensor, instance)
     assert not ticker.tick().run_requests  # the baseline
     first, second = psycopg.connect(db_env.url), psycopg.connect(db_env.url)
@@ -316,7 +316,7 @@ def test_a_deadlock_between_two_sessions_opens_one_alert(db_env, instance, healt
     second.close()
     assert sorted(type(e).__name__ for e in outcomes.values()) == ["DeadlockDetected", "NoneType"], outcomes
     with db_env.connect() as conn:
-        wait_until(lambda: probes.database_counters(conn).deadlocks > before, "the deadlock to reach the statistics")
+        wait_until(lambda: maintenance_probes.database_counters(conn).deadlocks > before, "the deadlock to reach the statistics")
     request = only_request(ticker.tick())
     assert request.tags["wedefi/incident"] == "health.deadlocks.primary"
     evaluation = fail_and_alert("deadlocks_check_job", request, instance)
@@ -346,7 +346,7 @@ def test_a_query_the_replica_cancels_for_replay_opens_one_alert(db_env, stack, i
         with db_env.connect() as conn:
             conn.execute("TRUNCATE conflict_probe")  # an ACCESS EXCLUSIVE lock the replica must replay
         with db_env.connect("read") as conn:
-            wait_until(lambda: probes.database_counters(conn).conflicts.get("lock", 0) > 0,
+            wait_until(lambda: maintenance_probes.database_counters(conn).conflicts.get("lock", 0) > 0,
                        "the replica to cancel the reader")
     finally:
         reader.close()
@@ -379,5 +379,5 @@ def test_transaction_id_age_past_a_low_threshold_opens_one_alert_until_frozen(db
     assert alert["severity"] == "warning" and "over the 100 threshold" in alert["title"]
     with db_env.connect() as conn:
         conn.execute("VACUUM (FREEZE)")
-        assert probes.database_age(conn).xid_age < 100
+        assert maintenance_probes.database_age(conn).xid_age < 100
     resolves(ticker, db_env, "the wraparound alert to resolve once frozen")

@@ -7,8 +7,9 @@ import dagster as dg
 import pytest
 
 from wedefi_pipelines.health import rules
-from wedefi_pipelines.health.probes import (AutovacuumSettings, ConnectionCounts, DatabaseAge, DatabaseCounters,
-                                            OpenTransaction, ReplicationSlot, TableDeadTuples)
+from wedefi_pipelines.health.maintenance_probes import (AutovacuumSettings, DatabaseAge, DatabaseCounters,
+                                                       OpenTransaction, ReplicationSlot, TableDeadTuples)
+from wedefi_pipelines.health.probes import ConnectionCounts
 from wedefi_pipelines.settings import Settings, SettingsError, parse_settings
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=timezone.utc)

@@ -21,7 +21,7 @@ import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from wedefi_pipelines.health import platform, probes
+from wedefi_pipelines.health import maintenance_probes, platform, probes
 from wedefi_pipelines.health.monitor import HealthMonitor, one_line
 from wedefi_pipelines.health.rules import autovacuum_threshold, pipeline_limit
 from wedefi_pipelines.settings import RANGE_TABLES, Settings
@@ -129,7 +129,7 @@ class PlatformCollector(Collector):
             out.gauge("pg_superuser_reserved_connections", "superuser_reserved_connections", s, counts.superuser_reserved)
         if primary:
             with self._probe(out, "database_age", label):
-                age = probes.database_age(conn, timeout)
+                age = maintenance_probes.database_age(conn, timeout)
                 out.gauge("pg_xid_age", "age(datfrozenxid) of the app database", {"database": age.database}, age.xid_age)
                 out.gauge("pg_multixact_age", "mxid_age(datminmxid) of the app database", {"database": age.database},
                           age.multixact_age)
@@ -137,7 +137,7 @@ class PlatformCollector(Collector):
             own = self.settings.monitoring.pipeline_sessions
             oldest = {"app": 0.0, **{prefix: 0.0 for prefix in own}}
             idle = dict(oldest)
-            for tx in probes.open_transactions(conn, 0, timeout):
+            for tx in maintenance_probes.open_transactions(conn, 0, timeout):
                 prefix, _limit = pipeline_limit(tx.application_name, own)
                 key = prefix or "app"
                 oldest[key] = max(oldest[key], tx.age_ms / 1000.0)
@@ -148,7 +148,7 @@ class PlatformCollector(Collector):
                 out.gauge("pg_oldest_idle_in_transaction_seconds", "longest time a session has been idle in "
                           "transaction, by session kind", {**s, "sessions": key}, idle[key])
         with self._probe(out, "replication_slots", label):
-            for slot in probes.replication_slots(conn, timeout):
+            for slot in maintenance_probes.replication_slots(conn, timeout):
                 labels = {**s, "slot": slot.name}
                 out.gauge("pg_replication_slot_active", "1 while a consumer streams from the slot", labels, slot.active)
                 out.gauge("pg_replication_slot_retained_bytes", "WAL the slot retains", labels, slot.retained_bytes)
@@ -158,9 +158,9 @@ class PlatformCollector(Collector):
         if primary:
             with self._probe(out, "invalid_indexes", label):
                 out.gauge("pg_invalid_indexes", "invalid indexes (builds in progress excepted)", {},
-                          len(probes.invalid_indexes(conn, timeout)))
+                          len(maintenance_probes.invalid_indexes(conn, timeout)))
             with self._probe(out, "dead_tuples", label):
-                av, tables = probes.dead_tuples(conn, timeout)
+                av, tables = maintenance_probes.dead_tuples(conn, timeout)
                 over = [t for t in tables if t.dead_tuples > autovacuum_threshold(t, av)]
                 out.gauge("pg_tables_over_autovacuum_threshold", "tables whose dead tuples exceed their autovacuum "
                           "threshold now", {}, len(over))
@@ -170,7 +170,7 @@ class PlatformCollector(Collector):
                     out.gauge("pg_table_dead_tuples", "dead tuples of a table over its threshold", {"table": table.name},
                               table.dead_tuples)
         with self._probe(out, "database_counters", label):
-            counters = probes.database_counters(conn, timeout)
+            counters = maintenance_probes.database_counters(conn, timeout)
             out.counter("pg_deadlocks", "deadlocks in the app database", s, counters.deadlocks)
             if not primary:
                 for cause, n in sorted(counters.conflicts.items()):

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from wedefi_pipelines.health import probes, rules
+from wedefi_pipelines.health import maintenance_probes, probes, rules
 from wedefi_pipelines.health.alerting import utcnow
 from wedefi_pipelines.health.rules import Evaluation, ExpectedReplica, incident_key
 from wedefi_pipelines.resources.database import Database, Server
@@ -163,9 +163,9 @@ class HealthMonitor:
         mxid_t = rules.Threshold(mxid.threshold, mxid.critical_threshold)
 
         def probe(label, conn, _before):
-            age = probes.database_age(conn, self.timeout_ms)
+            age = maintenance_probes.database_age(conn, self.timeout_ms)
             if age.xid_age > xid_t.warning or age.multixact_age > mxid_t.warning:
-                age = probes.database_age(conn, self.timeout_ms, with_tables=True)
+                age = maintenance_probes.database_age(conn, self.timeout_ms, with_tables=True)
             return rules.wraparound_findings(label, age, xid_t, mxid_t), None
 
         return self._per_server("xid_wraparound", previous, probe, self._primary())
@@ -180,7 +180,7 @@ class HealthMonitor:
         floor = min([long_ms, idle_ms] + [v for v in own.values() if v is not None])
 
         def probe(label, conn, _before):
-            transactions = probes.open_transactions(conn, floor, self.timeout_ms)
+            transactions = maintenance_probes.open_transactions(conn, floor, self.timeout_ms)
             return rules.transaction_findings(label, transactions, long_ms, idle_ms, own), None
 
         return self._per_server("long_transaction", previous, probe,
@@ -192,7 +192,7 @@ class HealthMonitor:
         inactive = self.settings.alert_threshold("ReplicationSlotInactive")
 
         def probe(label, conn, before):
-            slots = probes.replication_slots(conn, self.timeout_ms)
+            slots = maintenance_probes.replication_slots(conn, self.timeout_ms)
             return rules.slot_findings(label, slots, before, utcnow(), retained, inactive)
 
         def unknown(label, before):  # a replica that cannot be asked keeps its slots' episodes
@@ -205,7 +205,7 @@ class HealthMonitor:
         threshold = self.settings.alert_threshold("InvalidIndex")
 
         def probe(label, conn, _before):
-            return rules.invalid_index_finding(label, probes.invalid_indexes(conn, self.timeout_ms), threshold), None
+            return rules.invalid_index_finding(label, maintenance_probes.invalid_indexes(conn, self.timeout_ms), threshold), None
 
         return self._per_server("invalid_index", previous, probe, self._primary())
 
@@ -215,7 +215,7 @@ class HealthMonitor:
         for_ms = self.settings.alert_threshold("VacuumBacklog")
 
         def probe(label, conn, before):
-            av, tables = probes.dead_tuples(conn, self.timeout_ms)
+            av, tables = maintenance_probes.dead_tuples(conn, self.timeout_ms)
             return rules.vacuum_finding(label, av, tables, before, utcnow(), for_ms)
 
         return self._per_server("vacuum_backlog", previous, probe, self._primary())
@@ -225,7 +225,7 @@ class HealthMonitor:
         per_minute = self.settings.alert_threshold("Deadlocks")
 
         def probe(label, conn, before):
-            counters, now = probes.database_counters(conn, self.timeout_ms), utcnow()
+            counters, now = maintenance_probes.database_counters(conn, self.timeout_ms), utcnow()
             return rules.deadlock_finding(label, counters, before, now, per_minute), rules.counter_baseline(counters, now)
 
         return self._per_server("deadlocks", previous, probe)
@@ -235,7 +235,7 @@ class HealthMonitor:
         threshold = self.settings.alert_threshold("StandbyConflicts")
 
         def probe(label, conn, before):
-            counters, now = probes.database_counters(conn, self.timeout_ms), utcnow()
+            counters, now = maintenance_probes.database_counters(conn, self.timeout_ms), utcnow()
             return rules.conflict_finding(label, counters, before, now, threshold), rules.counter_baseline(counters, now)
 
         return self._per_server("standby_conflict", previous, probe, self._replicas())
