@@ -1,0 +1,10 @@
+// Prisma 7's CLI configuration (Prisma 7 moved the datasource url here out of schema.prisma).
+// Only `prisma validate` and `prisma generate` run in this repository (offline, see
+// app_compat/README section in the top-level README); they need no database url.
+// WeDefiDaily's own apps/api/prisma.config.ts adds `datasource: { url: env("DATABASE_URL") }`
+// for `prisma migrate` -- which must never be pointed at a database this project manages.
+import { defineConfig } from "prisma/config";
+
+export default defineConfig({
+  schema: "prisma/schema.prisma",
+});
