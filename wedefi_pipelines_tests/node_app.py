@@ -94,9 +94,14 @@ class NodeApp:
         return env
 
     def npm(self) -> list[str]:
+        """This Node's own npm-cli.js (a file named .js: this repository's package.json says
+        "type": "module", which would make an extensionless npm launcher an ES module)."""
+        bundled = Path(self.node).resolve().parent.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+        if bundled.exists():
+            return [self.node, str(bundled)]
         npm = shutil.which("npm", path=str(Path(self.node).parent)) or shutil.which("npm")
-        if npm is None:
-            raise NodeAppError(f"no npm next to {self.node} nor on PATH")
+        if npm is None or not Path(npm).resolve().name.endswith(".js"):
+            raise NodeAppError(f"no npm-cli.js next to {self.node} (looked for {bundled}), nor an npm on PATH")
         return [self.node, str(Path(npm).resolve())]
 
     def install(self) -> None:

@@ -10,6 +10,7 @@ script's message. Each call's outcome is written to artifacts/app_compat_<pg>.js
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timezone
 
@@ -23,6 +24,9 @@ from wedefi_pipelines_tests import node_app
 
 # UTC+05:45: a client that mixes local time and UTC anywhere is off by an odd amount.
 APP_TZ = "Asia/Kathmandu"
+# sha256 of cjnemes/WeDefiDaily apps/api/prisma/schema.prisma at 1e84c9a3 (upstream file:
+# sha256 aa889020...) without its `url = env("DATABASE_URL")` line: Prisma 7's one forced edit.
+UPSTREAM_SCHEMA_WITHOUT_URL_SHA256 = "457a890b2226c49783149985d3b156be7ffe904aa93316f1d9a0671aaf328ede"
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +52,14 @@ def run(app_client: node_app.NodeApp, phase: str, env: dict[str, str]) -> dict:
         return app_client.run_suite(phase, env)
     except node_app.NodeAppError as exc:
         pytest.fail(f"the app's client failed ({phase} phase):\n{exc}", pytrace=False)
+
+
+def test_the_schema_is_the_apps_with_comments_and_prisma_7s_one_edit():
+    """Every other line of prisma/schema.prisma is upstream's: our notes are whole-line `//` comments."""
+    lines = (node_app.REPO / "prisma" / "schema.prisma").read_text().splitlines(keepends=True)
+    code = "".join(line for line in lines if not line.startswith("//")).lstrip("\n")
+    assert hashlib.sha256(code.encode()).hexdigest() == UPSTREAM_SCHEMA_WITHOUT_URL_SHA256
+    assert 'url      = env("DATABASE_URL")' not in code and "@id @default(uuid())" in code
 
 
 def test_node_versions_prisma_accepts():
