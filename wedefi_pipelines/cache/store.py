@@ -142,7 +142,7 @@ class CacheStore:
     def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
         if not keys:
             return []
-        pipe = self.client.pipeline(transaction=True)  # MULTI/EXEC: each PTTL belongs to the value read
+        pipe = self.client.pipeline(transaction=False)  # one round trip; a write in between only skews computedAt
         pipe.mget(keys)
         for key in keys:
             pipe.pttl(key)
