@@ -186,3 +186,29 @@ def test_a_bulk_delete_cascades_in_one_statement(conn):
     deleted = conn.execute("""DELETE FROM "PortfolioSnapshot" WHERE "capturedAt" < '2025-01-01 20:00'""").rowcount
     remaining = conn.execute("""SELECT count(*), count(DISTINCT "portfolioSnapshotId") FROM "PositionSnapshot" """).fetchone()
     assert deleted == 1199 and remaining == (3 * (2000 - 1199), 2000 - 1199)
+
+
+def test_every_relation_of_the_partitioned_tables_keeps_the_apps_actions(db):
+    """The app's schema: every relation into or out of the four partitioned tables, with its
+    onDelete/onUpdate (Prisma's default onUpdate is Cascade). All are database FKs but one,
+    PositionSnapshot.portfolioSnapshot, whose two actions are 0007's triggers."""
+    with db.connect() as conn:
+        fks = set(conn.execute("""
+            SELECT conrelid::regclass::text, confrelid::regclass::text, confdeltype, confupdtype
+              FROM pg_constraint
+             WHERE contype = 'f' AND conparentid = 0
+               AND (conrelid IN ('"TokenBalance"'::regclass, '"PriceSnapshot"'::regclass,
+                                 '"PortfolioSnapshot"'::regclass, '"PositionSnapshot"'::regclass)
+                    OR confrelid IN ('"TokenBalance"'::regclass, '"PriceSnapshot"'::regclass,
+                                     '"PortfolioSnapshot"'::regclass, '"PositionSnapshot"'::regclass))""").fetchall())
+        triggers = {r[0] for r in conn.execute("""SELECT tgname FROM pg_trigger
+                                                   WHERE tgrelid = '"PortfolioSnapshot"'::regclass AND NOT tgisinternal""")}
+    cascade, set_null = "c", "n"
+    assert fks == {
+        ('"TokenBalance"', '"Wallet"', cascade, cascade), ('"TokenBalance"', '"Token"', cascade, cascade),
+        ('"PriceSnapshot"', '"Token"', cascade, cascade),
+        ('"PortfolioSnapshot"', '"Wallet"', cascade, cascade),
+        ('"PositionSnapshot"', '"Token"', cascade, cascade), ('"PositionSnapshot"', '"Wallet"', cascade, cascade),
+        ('"PositionSnapshot"', '"Protocol"', set_null, cascade),
+    }
+    assert triggers == {"PortfolioSnapshot_delete_positions", "PortfolioSnapshot_update_positions"}

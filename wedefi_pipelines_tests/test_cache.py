@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
-from decimal import Context, Decimal, localcontext
+from decimal import Context, Decimal
 
 import dagster as dg
 import orjson

@@ -359,8 +359,7 @@ class CacheManager:
         stamped = c.from_epoch_ms(at)
         # decoded from the bytes just stored, so a load and a later hit return the same data
         # (a Json integer beyond a double's precision reads back as the float JSON.parse gives)
-        return {c.PRICE.entity_id(e.key) if fam is c.PRICE else fam.entity_id(e.key):
-                CachedValue(e.key, c.decode(fam, e.value), stamped, "database") for e in entries}
+        return {fam.entity_id(e.key): CachedValue(e.key, c.decode(fam, e.value), stamped, "database") for e in entries}
 
     def _loader(self, fam: c.Family, conn: psycopg.Connection, ids: list[str]) -> dict[str, Any]:
         if fam is c.PRICE:
