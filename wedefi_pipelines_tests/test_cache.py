@@ -1,12 +1,15 @@
 """The Redis cache on the real stack: the stack's own Redis, a real primary and streaming
-replicas. Every expected value is computed here, in Python, from the raw rows."""
+replicas. Every expected value is computed here, in Python, from the raw rows, in the app's
+format (contract v2: what Prisma's findMany returns, as JSON.stringify writes it)."""
 
+import json
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, localcontext
+from decimal import Context, Decimal
 
 import dagster as dg
+import orjson
 import psycopg
 import pytest
 
@@ -25,6 +28,7 @@ from wedefi_pipelines.settings import parse_settings
 WALLETS = ("w-alice", "w-bob", "w-carol")
 BIG_USD = "123456789012345678.123456789012345678"  # 36 significant digits: beyond floats and Decimal's 28
 HUGE_QTY = "12345678901234567890.123456789012345678901234567891"
+TTL_MS = {"price": 60_000, "portfolio": 300_000, "governance": 1_800_000}
 
 
 def make_settings(**cache):
@@ -63,17 +67,19 @@ def seed(conn: psycopg.Connection) -> datetime:
                 conn.execute(statement)
     conn.execute("""INSERT INTO "Chain" (id, name, "updatedAt") VALUES (8453, 'Base', now())""")
     conn.execute("""
-        INSERT INTO "Token" (id, "chainId", address, symbol, name, decimals, "isNative", "updatedAt") VALUES
-          ('tok-eth', 8453, '0x01', 'ETH', 'Ether', 18, true, now()),
-          ('tok-usdc', 8453, '0x02', 'USDC', 'USD Coin', 6, false, now()),
-          ('tok-aero', 8453, '0x03', 'AERO', 'Aerodrome', 18, false, now()),
-          ('tok-degen', 8453, '0x04', 'DEGEN', 'Degen', 18, false, now()),
-          ('tok-old', 8453, '0x05', 'OLD', 'Only old prices', 18, false, now())""")
+        INSERT INTO "Token" (id, "chainId", address, symbol, name, decimals, "isNative", metadata, "updatedAt") VALUES
+          ('tok-eth', 8453, '0x01', 'ETH', 'Ether', 18, true, '{"coingecko": "ethereum"}', now()),
+          ('tok-usdc', 8453, '0x02', 'USDC', 'USD Coin', 6, false, NULL, now()),
+          ('tok-aero', 8453, '0x03', 'AERO', 'Aerodrome', 18, false, NULL, now()),
+          ('tok-degen', 8453, '0x04', 'DEGEN', 'Degen', 18, false, NULL, now()),
+          ('tok-old', 8453, '0x05', 'OLD', 'Only old prices', 18, false, NULL, now())""")
     for i, wallet in enumerate(WALLETS):
         conn.execute(
-            """INSERT INTO "Wallet" (id, address, "chainId", label, "createdAt", "updatedAt")
-               VALUES (%s, %s, 8453, %s, %s, now())""",
-            (wallet, f"0x{i:040x}", None if wallet == "w-carol" else wallet[2:].title(), now - timedelta(days=3 - i)),
+            """INSERT INTO "Wallet" (id, address, "chainId", label, metadata, "createdAt", "updatedAt")
+               VALUES (%s, %s, 8453, %s, %s, %s, now())""",
+            (wallet, f"0x{i:040x}", None if wallet == "w-carol" else wallet[2:].title(),
+             '{"tags": ["main"], "risk": 0.25, "big": 123456789012345678901234567890}' if wallet == "w-alice" else None,
+             now - timedelta(days=3 - i)),
         )
     prices = [("tok-eth", "3000.5", "synthetic", now - timedelta(minutes=30)),
               ("tok-eth", "3001.25", "synthetic", now - timedelta(minutes=2)),
@@ -84,17 +90,18 @@ def seed(conn: psycopg.Connection) -> datetime:
     prices += [(t, "99999", "synthetic", old) for t in ("tok-eth", "tok-usdc", "tok-aero", "tok-degen", "tok-old")]
     conn.cursor().executemany(
         """INSERT INTO "PriceSnapshot" ("tokenId", "priceUsd", source, "recordedAt") VALUES (%s, %s, %s, %s)""", prices)
-    balances = [("w-alice", "tok-eth", "1.5", "4500.123456789012345678"),
-                ("w-alice", "tok-usdc", HUGE_QTY, BIG_USD),
-                ("w-alice", "tok-aero", "10", None),
-                ("w-alice", "tok-degen", "5", "0"),
-                ("w-bob", "tok-usdc", "10", "10"),
-                ("w-bob", "tok-eth", "0.0033", "10.000"),
-                ("w-bob", "tok-aero", "4", "5.5")]
+    balances = [("w-alice", "tok-eth", "1.5", "4500.123456789012345678", 19_000_000),
+                ("w-alice", "tok-usdc", HUGE_QTY, BIG_USD, 9_007_199_254_740_993),  # beyond a double's integers
+                ("w-alice", "tok-aero", "10", None, None),
+                ("w-alice", "tok-degen", "5", "0", None),
+                ("w-bob", "tok-usdc", "10", "10", None),
+                ("w-bob", "tok-eth", "0.0033", "10.000", None),
+                ("w-bob", "tok-aero", "4", "5.5", None),
+                ("w-carol", "tok-degen", "0.0000005", "0.000000000000000001", 1)]  # decimal.js prints 5e-7, 1e-18
     conn.cursor().executemany(
-        """INSERT INTO "TokenBalance" ("walletId", "tokenId", "rawBalance", quantity, "usdValue", "updatedAt")
-           VALUES (%s, %s, %s, %s, %s, now())""",
-        [(w, t, str(int(Decimal(qty) * 10**6)), qty, usd) for w, t, qty, usd in balances])
+        """INSERT INTO "TokenBalance" ("walletId", "tokenId", "rawBalance", quantity, "usdValue", "blockNumber",
+                                       "updatedAt") VALUES (%s, %s, %s, %s, %s, %s, now())""",
+        [(w, t, str(int(Decimal(qty) * 10**6)), qty, usd, block) for w, t, qty, usd, block in balances])
     conn.cursor().executemany(
         """INSERT INTO "PortfolioSnapshot" ("walletId", "totalUsdValue", "totalUsdValueChange24h", "tokensTracked",
                                             "capturedAt") VALUES (%s, %s, %s, %s, %s)""",
@@ -106,23 +113,47 @@ def seed(conn: psycopg.Connection) -> datetime:
           ('p-velo', 'velodrome', 'Velodrome', 8453, now()), ('p-aero', 'aerodrome', 'Aerodrome', 8453, now())""")
     conn.execute(
         """INSERT INTO "GovernanceLock" (id, "protocolId", "walletId", "lockAmount", "votingPower", "boostMultiplier",
-                                         "lockEndsAt", "updatedAt") VALUES
-             ('g1', 'p-velo', 'w-alice', 1000, 250.5, NULL, NULL, now()),
-             ('g2', 'p-aero', 'w-alice', 5000.000000000000000001, 4999.9, 1.5, %s, now())""",
+                                         "lockEndsAt", metadata, "updatedAt") VALUES
+             ('g1', 'p-velo', 'w-alice', 1000, 250.5, NULL, NULL, NULL, now()),
+             ('g2', 'p-aero', 'w-alice', 5000.000000000000000001, 4999.9, 1.5, %s, '{"source": "veAERO"}', now())""",
         (now + timedelta(days=365),))
     return now
 
 
 def dec(value):
-    """Exact decimal text, computed independently of PostgreSQL's trim_scale."""
+    """Exact plain decimal text, computed independently of PostgreSQL's trim_scale."""
     if value is None:
         return None
     text = format(value, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def js_dec(value):
+    """What JSON.stringify writes for a Prisma Decimal (decimal.js toString), computed here
+    from Python's Decimal, independently of the contract's text rewriting."""
+    if value is None:
+        return None
+    value = Decimal(value).normalize(Context(prec=200))
+    if value == 0:
+        return "0"
+    if -7 < value.adjusted() < 21:
+        return format(value, "f")
+    sign, digits, _ = value.as_tuple()
+    mantissa = str(digits[0]) + ("." + "".join(map(str, digits[1:])) if len(digits) > 1 else "")
+    return f"{'-' if sign else ''}{mantissa}e{'+' if value.adjusted() >= 0 else '-'}{abs(value.adjusted())}"
+
+
 def iso(moment):
     return None if moment is None else moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def multiset(value):
+    """Arrays compared as multisets, as the app's reader must (Prisma's findMany has no order)."""
+    if isinstance(value, list):
+        return sorted((multiset(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, dict):
+        return {k: multiset(v) for k, v in value.items()}
+    return value
 
 
 def expected_price(conn, token_id, since):
@@ -131,57 +162,69 @@ def expected_price(conn, token_id, since):
     recent = [r for r in rows if r[2] >= since]
     if not recent:
         return None
-    price, source, at = max(recent, key=lambda r: (r[2], r[1]))
-    return {"tokenId": token_id, "priceUsd": dec(price), "source": source, "recordedAt": iso(at)}
+    return dec(max(recent, key=lambda r: (r[2], r[1]))[0])
 
 
-def expected_portfolio(conn, wallet_id, since, top=20):
-    wallet = conn.execute("""SELECT w.id, w.address, w.label, w."chainId", c.name FROM "Wallet" w
-                             JOIN "Chain" c ON c.id = w."chainId" WHERE w.id = %s""", (wallet_id,)).fetchone()
-    if wallet is None:
+def _row(cur, query, params):
+    names = [d.name for d in cur.execute(query, params).description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def expected_portfolio(conn, wallet_id):
+    """getPortfolioSummary(walletId): `wallet.findMany({ where: { id }, include: { balances: {
+    include: { token: true }, where: { usdValue: { gt: 0 } } } } })`; None for an unknown id."""
+    cur = conn.cursor()
+    wallets = _row(cur, 'SELECT id, address, "chainId", label, metadata, "createdAt", "updatedAt" FROM "Wallet" WHERE id = %s',
+                   (wallet_id,))
+    if not wallets:
         return None
-    balances = conn.execute(
-        """SELECT b."tokenId", t.symbol, t.name, t.decimals, t."isNative", b.quantity, b."rawBalance", b."usdValue"
-             FROM "TokenBalance" b JOIN "Token" t ON t.id = b."tokenId" WHERE b."walletId" = %s""",
-        (wallet_id,)).fetchall()
-    with localcontext() as ctx:
-        ctx.prec = 200
-        total = sum((b[7] or Decimal(0) for b in balances), Decimal(0))
-    priced = sorted((b for b in balances if b[7] is not None and b[7] > 0), key=lambda b: (-b[7], b[0]))[:top]
-    snaps = conn.execute(
-        """SELECT "capturedAt", "totalUsdValue", "totalUsdValueChange24h", "totalUsdValueChange7d",
-                  "totalUsdValueChange30d" FROM "PortfolioSnapshot" WHERE "walletId" = %s""", (wallet_id,)).fetchall()
-    recent = [s for s in snaps if s[0] >= since]
-    snap = max(recent, key=lambda s: s[0]) if recent else None
-    return {
-        "wallet": {"id": wallet[0], "address": wallet[1], "label": wallet[2], "chainId": wallet[3],
-                   "chainName": wallet[4]},
-        "totals": {"usdValue": dec(total), "tokensTracked": len(balances)},
-        "topHoldings": [{"token": {"id": b[0], "symbol": b[1], "name": b[2], "decimals": b[3], "isNative": b[4]},
-                         "quantity": dec(b[5]), "rawBalance": b[6], "usdValue": dec(b[7])} for b in priced],
-        "snapshot": None if snap is None else {
-            "capturedAt": iso(snap[0]), "totalUsdValue": dec(snap[1]), "totalUsdValueChange24h": dec(snap[2]),
-            "totalUsdValueChange7d": dec(snap[3]), "totalUsdValueChange30d": dec(snap[4])},
-    }
+    wallet = wallets[0] | {"createdAt": iso(wallets[0]["createdAt"]), "updatedAt": iso(wallets[0]["updatedAt"])}
+    balances = []
+    for b in _row(cur, """SELECT id, "walletId", "tokenId", "rawBalance", quantity, "usdValue", "blockNumber", "fetchedAt",
+                                 "createdAt", "updatedAt" FROM "TokenBalance" WHERE "walletId" = %s""", (wallet_id,)):
+        if b["usdValue"] is None or b["usdValue"] <= 0:
+            continue
+        token = _row(cur, """SELECT id, "chainId", address, symbol, name, decimals, "isNative", metadata, "createdAt",
+                                    "updatedAt" FROM "Token" WHERE id = %s""", (b["tokenId"],))[0]
+        token |= {"createdAt": iso(token["createdAt"]), "updatedAt": iso(token["updatedAt"])}
+        balances.append(b | {"quantity": js_dec(b["quantity"]), "usdValue": js_dec(b["usdValue"]),
+                             "blockNumber": None if b["blockNumber"] is None else str(b["blockNumber"]),
+                             "fetchedAt": iso(b["fetchedAt"]), "createdAt": iso(b["createdAt"]),
+                             "updatedAt": iso(b["updatedAt"]), "token": token})
+    return multiset([wallet | {"balances": balances}])
 
 
 def expected_governance(conn, wallet_id):
+    """`governanceLock.findMany({ where: { walletId } })`; None for an unknown wallet."""
     if conn.execute("""SELECT 1 FROM "Wallet" WHERE id = %s""", (wallet_id,)).fetchone() is None:
         return None
-    rows = conn.execute(
-        """SELECT g."protocolId", p.slug, p.name, g."lockAmount", g."votingPower", g."boostMultiplier",
-                  g."lockEndsAt", g."lastRefreshedAt"
-             FROM "GovernanceLock" g JOIN "Protocol" p ON p.id = g."protocolId" WHERE g."walletId" = %s""",
-        (wallet_id,)).fetchall()
-    return {"walletId": wallet_id, "locks": [
-        {"protocol": {"id": r[0], "slug": r[1], "name": r[2]}, "lockAmount": dec(r[3]), "votingPower": dec(r[4]),
-         "boostMultiplier": dec(r[5]), "lockEndsAt": iso(r[6]), "lastRefreshedAt": iso(r[7])}
-        for r in sorted(rows, key=lambda r: r[1])]}
+    rows = _row(conn.cursor(), """SELECT id, "protocolId", "walletId", "lockAmount", "votingPower", "boostMultiplier",
+                                         "lockEndsAt", "lastRefreshedAt", metadata, "createdAt", "updatedAt"
+                                    FROM "GovernanceLock" WHERE "walletId" = %s""", (wallet_id,))
+    return multiset([r | {k: js_dec(r[k]) for k in ("lockAmount", "votingPower", "boostMultiplier")}
+                     | {k: iso(r[k]) for k in ("lockEndsAt", "lastRefreshedAt", "createdAt", "updatedAt")} for r in rows])
+
+
+def app_view(value):
+    """What a JSON reader (JSON.parse, orjson) makes of a value: a Json integer beyond a
+    double's precision comes back as a float. The CacheManager returns this view."""
+    return multiset(orjson.loads(json.dumps(value)))
 
 
 def cached(client, key):
+    """The value the app's reader gets: parseFloat's input for a price, JSON.parse's result otherwise."""
     raw = client.get(key)
-    return None if raw is None else c.decode(raw)
+    if raw is None:
+        return None
+    if key.startswith(c.PRICE.prefix):
+        return raw.decode()
+    return multiset(json.loads(raw))  # the standard library: Json integers beyond 64 bits too
+
+
+def computed_at(client, key):
+    """A value's computedAt: its expiry minus its family's TTL (contract v2)."""
+    ttl_ms = next(ms for name, ms in TTL_MS.items() if key.startswith(c.FAMILIES[name].prefix))
+    return datetime.now(timezone.utc) + timedelta(milliseconds=client.pttl(key) - ttl_ms)
 
 
 def keys_of(client, fam):
@@ -214,64 +257,96 @@ def test_refresh_writes_the_databases_answer_for_every_key_with_the_specified_tt
             assert limit - 5 <= client.ttl(key) <= limit, key
     with db.connect() as conn:
         for key in keys_of(client, c.PRICE):
-            assert cached(client, key).data == expected_price(conn, c.PRICE.entity_id(key), since)
+            assert cached(client, key) == expected_price(conn, c.PRICE.entity_id(key), since)
         for wallet in WALLETS:
-            assert cached(client, c.PORTFOLIO.key(wallet)).data == expected_portfolio(conn, wallet, since)
-            assert cached(client, c.GOVERNANCE.key(wallet)).data == expected_governance(conn, wallet)
-    alice = cached(client, "portfolio:w-alice").data
-    assert alice["topHoldings"][0]["usdValue"] == BIG_USD and alice["topHoldings"][0]["quantity"] == HUGE_QTY
-    assert alice["totals"]["tokensTracked"] == 4 and len(alice["topHoldings"]) == 2  # NULL and 0 are not holdings
-    assert cached(client, "price:latest:tok-usdc").data["source"] == "synthetic"
+            assert cached(client, c.PORTFOLIO.key(wallet)) == expected_portfolio(conn, wallet)
+            assert cached(client, c.GOVERNANCE.key(wallet)) == expected_governance(conn, wallet)
+    alice = cached(client, "portfolio:w-alice")[0]
+    usdc = next(b for b in alice["balances"] if b["tokenId"] == "tok-usdc")
+    assert (usdc["usdValue"], usdc["quantity"], usdc["blockNumber"]) == (BIG_USD, HUGE_QTY, "9007199254740993")
+    assert len(alice["balances"]) == 2  # NULL and 0 are not worth more than 0
+    assert alice["metadata"]["big"] == 123456789012345678901234567890  # a Json column's integer beyond 64 bits
+    assert cached(client, "price:latest:tok-usdc") == "1.0001"  # same instant: the greatest source's
+    assert cached(client, "price:latest:tok-degen") == "0.000000000000000001"  # plain: parseFloat reads it exactly
     # read on the replica: dated back by the lag it may have, so it never outranks a primary read
-    assert cached(client, "portfolio:w-alice").computed_at <= datetime.now(timezone.utc) - timedelta(milliseconds=50)
+    assert computed_at(client, "portfolio:w-alice") <= datetime.now(timezone.utc) - timedelta(milliseconds=50)
 
 
-def test_top_holdings_are_cut_at_the_configured_count_ties_by_token(db, seeded, client):
-    settings = make_settings(top_holdings=2)
+def test_values_are_exactly_what_json_stringify_writes_for_the_prisma_result(db, seeded, client):
+    """Byte for byte: Prisma's field order, decimal.js's exponents, Date.toJSON, the BigInt rule."""
+    settings = make_settings(top_holdings=1)  # contract v2 lists every balance: the setting no longer cuts
     with db.database(settings) as database:
-        refresh_cache(database, client, settings, families=["portfolio"])
-    bob = cached(client, "portfolio:w-bob").data
-    assert [h["token"]["id"] for h in bob["topHoldings"]] == ["tok-eth", "tok-usdc"]  # both 10 USD
-    assert bob["totals"] == {"usdValue": "25.5", "tokensTracked": 3}
-    assert bob["snapshot"] is None  # its only snapshot is older than the window
-    assert keys_of(client, c.PRICE) == [] and keys_of(client, c.GOVERNANCE) == []
+        refresh_cache(database, client, settings, families=["portfolio", "governance"])
+    with db.connect() as conn:
+        created, updated, fetched = conn.execute(
+            """SELECT b."createdAt", b."updatedAt", b."fetchedAt" FROM "TokenBalance" b WHERE b."walletId" = 'w-carol'""").fetchone()
+        w_created, w_updated = conn.execute("""SELECT "createdAt", "updatedAt" FROM "Wallet" WHERE id = 'w-carol'""").fetchone()
+        t_created, t_updated = conn.execute("""SELECT "createdAt", "updatedAt" FROM "Token" WHERE id = 'tok-degen'""").fetchone()
+        balance_id = conn.execute("""SELECT id FROM "TokenBalance" WHERE "walletId" = 'w-carol'""").fetchone()[0]
+    assert client.get("portfolio:w-carol").decode() == (
+        f'[{{"id":"w-carol","address":"0x{2:040x}","chainId":8453,"label":null,"metadata":null,'
+        f'"createdAt":"{iso(w_created)}","updatedAt":"{iso(w_updated)}","balances":[{{"id":"{balance_id}",'
+        f'"walletId":"w-carol","tokenId":"tok-degen","rawBalance":"0","quantity":"5e-7","usdValue":"1e-18",'
+        f'"blockNumber":"1","fetchedAt":"{iso(fetched)}","createdAt":"{iso(created)}","updatedAt":"{iso(updated)}",'
+        f'"token":{{"id":"tok-degen","chainId":8453,"address":"0x04","symbol":"DEGEN","name":"Degen","decimals":18,'
+        f'"isNative":false,"metadata":null,"createdAt":"{iso(t_created)}","updatedAt":"{iso(t_updated)}"}}}}]}}]')
+    assert client.get("governance:w-carol") == b"[]"
+    assert len(cached(client, "portfolio:w-bob")[0]["balances"]) == 3
 
 
 def test_a_second_refresh_resends_only_what_changed_and_renews_every_ttl(db, seeded, client):
     settings = make_settings()
     with db.database(settings) as database:
         refresh_cache(database, client, settings)
-        first = cached(client, "portfolio:w-bob")
+        first, first_at = cached(client, "portfolio:w-bob"), computed_at(client, "portfolio:w-bob")
         for key in keys_of(client, c.PORTFOLIO):
             client.expire(key, 10)
         again = refresh_cache(database, client, settings)
         assert again.families["portfolio"].writes.as_dict() | {"keys": 3} == {
-            "written": 0, "unchanged": 3, "kept_newer": 0, "compared": 3, "keys": 3}
+            "written": 0, "unchanged": 3, "kept_newer": 0, "compared": 3, "expired": 0, "keys": 3}
         for key in keys_of(client, c.PORTFOLIO):
             assert client.ttl(key) > 290, key  # renewed although not resent
-        second = cached(client, "portfolio:w-bob")
-        assert second.data == first.data and second.computed_at > first.computed_at
+        assert cached(client, "portfolio:w-bob") == first and computed_at(client, "portfolio:w-bob") > first_at
         with db.connect() as conn:
             conn.execute("""UPDATE "TokenBalance" SET "usdValue" = 11 WHERE "walletId" = 'w-bob' AND "tokenId" = 'tok-eth'""")
         db.wait_replicas()
         third = refresh_cache(database, client, settings, families=["portfolio"])
     assert third.families["portfolio"].writes.written == 1 and third.families["portfolio"].writes.unchanged == 2
-    assert cached(client, "portfolio:w-bob").data["totals"]["usdValue"] == "26.5"
+    bob = cached(client, "portfolio:w-bob")[0]
+    assert next(b["usdValue"] for b in bob["balances"] if b["tokenId"] == "tok-eth") == "11"
 
 
 def test_a_refresh_never_overwrites_a_value_computed_after_its_read(db, seeded, client):
     """An invalidation that ran after the refresh read the replica wins, whatever the write order."""
     settings = make_settings()
-    later = c.iso_utc(datetime.now(timezone.utc) + timedelta(minutes=1))
-    newer = c.encode("portfolio:w-bob", {"written": "by a later invalidation"}, later)
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    newer = c.encode(c.PORTFOLIO, "w-bob", [{"written": "by a later invalidation"}], later)
     assert CacheStore(client).put_many([newer], ttl=300).written == 1
     with db.database(settings) as database:
         report = refresh_cache(database, client, settings, families=["portfolio"])
     assert report.families["portfolio"].writes.kept_newer == 1
     assert client.get("portfolio:w-bob") == newer.value
-    stale = c.encode("portfolio:w-bob", {"written": "by an older read"}, "2000-01-01T00:00:00.000Z")
+    stale = c.encode(c.PORTFOLIO, "w-bob", [{"written": "by an older read"}], datetime.now(timezone.utc) - timedelta(seconds=5))
     counts = CacheStore(client).put_many([stale], ttl=300, compare=True)
     assert (counts.written, counts.kept_newer) == (0, 1) and client.get("portfolio:w-bob") == newer.value
+    # a value older than its TTL is never stored, whatever the key holds
+    ancient = c.encode(c.PORTFOLIO, "w-nobody", [], datetime.now(timezone.utc) - timedelta(seconds=301))
+    assert CacheStore(client).put_many([ancient], ttl=300).expired == 1 and client.get("portfolio:w-nobody") is None
+
+
+def test_a_value_the_app_stored_with_setex_is_dated_by_its_ttl_and_newest_wins(client):
+    """The app's CacheManager writes `SETEX key 300 value`: its write time is its expiry minus 300 s."""
+    store = CacheStore(client)
+    client.setex("portfolio:w-app", 300, b"[]")
+    before = c.encode(c.PORTFOLIO, "w-app", [{"id": "w-app"}], datetime.now(timezone.utc) - timedelta(seconds=2))
+    assert store.put_many([before], ttl=300).kept_newer == 1 and client.get("portfolio:w-app") == b"[]"
+    same = c.encode(c.PORTFOLIO, "w-app", [], datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert store.put_many([same], ttl=300, compare=True).unchanged == 1  # same bytes: only the expiry moves
+    assert 300_500 < client.pttl("portfolio:w-app") <= 301_000
+    after = c.encode(c.PORTFOLIO, "w-app", [{"id": "w-app"}], datetime.now(timezone.utc) + timedelta(seconds=2))
+    assert store.put_many([after], ttl=300, compare=True).written == 1 and client.get("portfolio:w-app") == after.value
+    client.set("portfolio:w-forever", b"[]")  # no expiry: outside the contract, its age is unknown: replaced
+    assert store.put_many([c.encode(c.PORTFOLIO, "w-forever", [{"id": 1}], datetime.now(timezone.utc))], 300).written == 1
 
 
 def test_redis_stopped_mid_refresh_fails_naming_redis_and_the_next_refresh_heals(db, seeded, client, redis_server):
@@ -290,10 +365,9 @@ def test_redis_stopped_mid_refresh_fails_naming_redis_and_the_next_refresh_heals
         assert client.dbsize() == 0
         healed = refresh_cache(database, client, settings)
     assert healed.families["portfolio"].writes.written == 3
-    since = q.window_start(7)
     with db.connect() as conn:
         for wallet in WALLETS:
-            assert cached(client, c.PORTFOLIO.key(wallet)).data == expected_portfolio(conn, wallet, since)
+            assert cached(client, c.PORTFOLIO.key(wallet)) == expected_portfolio(conn, wallet)
         assert len(keys_of(client, c.PRICE)) == 4 and len(keys_of(client, c.GOVERNANCE)) == 3
 
 
@@ -366,16 +440,18 @@ def test_a_miss_reads_through_and_stores_with_the_ttl_then_hits(db, seeded, clie
         first = manager.get_portfolio_summary("w-alice")
         assert first.source == "database" and client.ttl("portfolio:w-alice") > 290
         again = manager.get_portfolio_summary("w-alice")
-        assert again.source == "cache" and again.data == first.data and again.computed_at == first.computed_at
+        assert again.source == "cache" and again.data == first.data
+        assert abs(again.computed_at - first.computed_at) <= timedelta(milliseconds=2)  # from its expiry, to the ms
         price = manager.get_latest_price("tok-eth")
         locks = manager.get_governance_locks("w-carol")
         assert 55 <= client.ttl("price:latest:tok-eth") <= 60 and 1795 <= client.ttl("governance:w-carol") <= 1800
         assert manager.get_latest_price("tok-old") is None and manager.get_portfolio_summary("w-nobody") is None
         assert manager.stats.hits == 1 and manager.stats.queries == {"portfolio": 2, "price": 2, "governance": 1}
     with db.connect() as conn:
-        assert first.data == expected_portfolio(conn, "w-alice", since)
-        assert price.data == expected_price(conn, "tok-eth", since)
-        assert locks.data == {"walletId": "w-carol", "locks": []}
+        assert multiset(first.data) == app_view(expected_portfolio(conn, "w-alice"))
+        assert price.data == expected_price(conn, "tok-eth", since) == "3001.25"
+        assert locks.data == []
+        assert multiset(manager.get_governance_locks("w-alice").data) == expected_governance(conn, "w-alice")
     assert 0 <= first.age_s() < 60
 
 
@@ -414,7 +490,7 @@ def test_with_redis_down_every_call_is_served_from_the_database_and_logged_once(
         with caplog.at_level(logging.WARNING, logger="wedefi_pipelines.cache.manager"):
             for _ in range(10):
                 served = manager.get_portfolio_summary("w-alice")
-                assert served.source == "database" and served.data["wallet"]["id"] == "w-alice"
+                assert served.source == "database" and served.data[0]["id"] == "w-alice"
                 assert manager.get_latest_price("tok-eth").source == "database"
                 assert set(manager.get_batched_portfolio_data(["w-alice", "w-bob"])) == {"w-alice", "w-bob"}
             redis_server.start()
@@ -438,7 +514,7 @@ def test_with_the_database_down_cached_values_are_served_with_their_age(db, seed
             with caplog.at_level(logging.WARNING, logger="wedefi_pipelines.cache.manager"):
                 served = manager.get_portfolio_summary("w-alice")
                 assert served.source == "cache" and served.data == warm.data
-                assert served.computed_at == warm.computed_at and served.age_s() >= 0
+                assert abs(served.computed_at - warm.computed_at) <= timedelta(milliseconds=2) and served.age_s() >= 0
                 for _ in range(3):
                     with pytest.raises(DataUnavailable, match="not cached, and the database"):
                         manager.get_portfolio_summary("w-carol")
@@ -458,17 +534,18 @@ def test_with_the_database_down_cached_values_are_served_with_their_age(db, seed
 
 
 def test_a_batch_reads_the_cached_wallets_and_loads_all_misses_with_one_statement(db, seeded, client):
-    since = q.window_start(7)
+    client.setex("portfolio:w-ghost", 300, b"[]")  # what the app's reader caches for an unknown id
     with CacheManager(db.database(make_settings()), client) as manager:
         manager.get_portfolio_summary("w-bob")
-        batch = manager.get_batched_portfolio_data(["w-carol", "w-bob", "w-nobody", "w-alice", "w-bob"])
+        batch = manager.get_batched_portfolio_data(["w-carol", "w-bob", "w-nobody", "w-alice", "w-bob", "w-ghost"])
         assert list(batch) == ["w-carol", "w-bob", "w-alice"] and batch.unavailable == []
         assert batch["w-bob"].source == "cache" and batch["w-alice"].source == "database"
         assert manager.stats.queries["portfolio"] == 2  # one for w-bob's miss, one for the batch's misses
+        assert manager.get_portfolio_summary("w-ghost") is None and manager.stats.queries["portfolio"] == 2
         assert manager.get_portfolio_summary("w-carol").source == "cache"  # the batch stored its loads
     with db.connect() as conn:
         for wallet, value in batch.items():
-            assert value.data == expected_portfolio(conn, wallet, since)
+            assert multiset(value.data) == app_view(expected_portfolio(conn, wallet))
 
 
 def test_keyset_pages_return_every_wallet_exactly_once_while_wallets_are_inserted(db, seeded, client):
@@ -483,7 +560,7 @@ def test_keyset_pages_return_every_wallet_exactly_once_while_wallets_are_inserte
         seen, cursor, page, inserted = [], None, 0, 0
         while True:
             result = manager.get_paged_portfolio_data(limit=7, cursor=cursor, include_total=False)
-            seen += [v.data["wallet"]["id"] for v in result.data]
+            seen += [v.data[0]["id"] for v in result.data]
             page += 1
             if result.next_cursor is None:
                 break
@@ -512,9 +589,9 @@ def test_keyset_pages_return_every_wallet_exactly_once_while_wallets_are_inserte
 def test_pages_filter_by_wallet_and_minimum_value_like_the_seed(db, seeded, client):
     with CacheManager(db.database(make_settings()), client) as manager:
         rich = manager.get_paged_portfolio_data(min_value="10")
-        assert [v.data["wallet"]["id"] for v in rich.data] == ["w-alice", "w-bob"]  # by "createdAt"
+        assert [v.data[0]["id"] for v in rich.data] == ["w-alice", "w-bob"]  # by "createdAt"
         assert (rich.total, rich.pages, rich.next_cursor) == (2, 1, None)
-        assert [v.data["wallet"]["id"] for v in manager.get_paged_portfolio_data(min_value=Decimal("10.5")).data] == ["w-alice"]
+        assert [v.data[0]["id"] for v in manager.get_paged_portfolio_data(min_value=Decimal("10.5")).data] == ["w-alice"]
         one = manager.get_paged_portfolio_data(wallet_id="w-carol")
         assert [v.key for v in one.data] == ["portfolio:w-carol"] and one.total == 1
         with pytest.raises(ValueError, match="limit"):
@@ -546,11 +623,11 @@ def test_invalidation_refreshes_changed_wallets_from_the_primary_in_the_same_run
     assert outcome["status"] == "refreshed" and outcome["wallets"] == 2
     assert (outcome["portfolio_written"], outcome["governance_written"]) == (1, 1)
     assert (outcome["portfolio_deleted"], outcome["governance_deleted"]) == (1, 1)
-    since = q.window_start(7)
     with db.connect() as conn:
-        assert cached(client, "portfolio:w-bob").data == expected_portfolio(conn, "w-bob", since)
-        assert cached(client, "governance:w-bob").data == expected_governance(conn, "w-bob")
-    assert cached(client, "portfolio:w-bob").data["totals"]["usdValue"] == "40"
+        assert cached(client, "portfolio:w-bob") == expected_portfolio(conn, "w-bob")
+        assert cached(client, "governance:w-bob") == expected_governance(conn, "w-bob")
+    bob = cached(client, "portfolio:w-bob")[0]
+    assert next(b["usdValue"] for b in bob["balances"] if b["tokenId"] == "tok-aero") == "20"
     assert client.get("portfolio:w-carol") is None and client.get("governance:w-carol") is None
     assert 290 <= client.ttl("portfolio:w-bob") <= 300 and 1790 <= client.ttl("governance:w-bob") <= 1800
 

@@ -1,11 +1,13 @@
 """The cache's pure parts: key/value contract, compare decision, cursors, outage logging,
 single flight, and the cache settings (no database, no Redis)."""
 
+import hashlib
 import json
 import logging
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 
@@ -46,51 +48,70 @@ def test_families_are_validated_by_name():
         (datetime(2025, 2, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))), "2025-01-31T23:30:00.000Z"),
     ],
 )
-def test_times_are_fixed_width_utc_milliseconds(moment, expected):
+def test_times_are_utc_milliseconds_like_javascripts_date_tojson(moment, expected):
     assert c.iso_utc(moment) == expected
     assert c.parse_iso_utc(expected) <= moment.replace(tzinfo=moment.tzinfo or timezone.utc)
+    assert c.from_epoch_ms(c.epoch_ms(moment)) == c.parse_iso_utc(expected)
 
 
-def test_fixed_width_times_sort_like_the_times():
-    moments = [datetime(2025, 1, 1) + timedelta(milliseconds=7 ** k) for k in range(12)]
-    assert sorted(c.iso_utc(m) for m in moments) == [c.iso_utc(m) for m in sorted(moments)]
+# What Prisma.Decimal's JSON.stringify printed for these values (decimal.js 10, Prisma 7.10,
+# run by hand in Node): exponent notation below 1e-6 and from 1e21 on.
+@pytest.mark.parametrize(
+    "text, js",
+    [
+        ("0", "0"), ("1.5", "1.5"), ("-3", "-3"), ("0.000001", "0.000001"), ("0.0000009", "9e-7"),
+        ("0.0000001", "1e-7"), ("-0.0000001", "-1e-7"), ("0.00000012345", "1.2345e-7"),
+        ("0.000000000000000001", "1e-18"), ("999999999999999999999.5", "999999999999999999999.5"),
+        ("100000000000000000000", "100000000000000000000"), ("1000000000000000000000", "1e+21"),
+        ("1000000000000000000000.5", "1.0000000000000000000005e+21"),
+        ("99999999999999999999999999999999999.000000000000000000000000000001",
+         "9.9999999999999999999999999999999999000000000000000000000000000001e+34"),
+        ("12345678901234567890.123456789012345678901234567891", "12345678901234567890.123456789012345678901234567891"),
+    ],
+)
+def test_decimals_are_written_as_decimal_js_prints_them(text, js):
+    assert c.js_decimal(text) == js
+    assert Decimal(js) == Decimal(text)  # the same number, exactly
 
 
-def test_an_encoded_value_round_trips_with_its_version_time_and_fingerprint():
-    data = c.price_data("tok-1", "1234567890.123456789012345678", "coingecko", datetime(2025, 1, 31, 12, 0))
-    encoded = c.encode(c.PRICE.key("tok-1"), data, datetime(2025, 1, 31, 12, 0, 1, 500_000))
-    raw = encoded.value.decode()
-    assert raw.startswith('{"schemaVersion":1,"computedAt":"2025-01-31T12:00:01.500Z","fingerprint":"')
-    assert len(raw[:raw.index('"data"')]) < 127  # the prefix Redis scripts read with GETRANGE
-    env = c.decode(encoded.value)
-    assert env.data == data and env.schema_version == c.SCHEMA_VERSION
-    assert env.computed_at == datetime(2025, 1, 31, 12, 0, 1, 500_000, tzinfo=timezone.utc)
-    assert json.loads(raw)["data"]["priceUsd"] == "1234567890.123456789012345678"  # a string, not a float
+def test_a_price_is_its_plain_decimal_text_and_nothing_else():
+    encoded = c.encode(c.PRICE, "tok-1", "1234567890.123456789012345678", datetime(2025, 1, 31, 12, 0, 1, 500_000))
+    assert encoded.key == "price:latest:tok-1" and encoded.value == b"1234567890.123456789012345678"
+    assert encoded.computed_ms == c.epoch_ms(datetime(2025, 1, 31, 12, 0, 1, 500_000)) == 1738324801500
+    assert encoded.sha1 == hashlib.sha1(encoded.value).hexdigest()  # what Lua's redis.sha1hex computes
+    assert c.decode(c.PRICE, encoded.value) == "1234567890.123456789012345678"
+    assert float(encoded.value) == 1234567890.1234567  # the app's parseFloat
+    for bad in ("1e-18", "3.10", "NaN", " 1", '{"priceUsd":"1"}'):
+        with pytest.raises(c.ContractError, match="plain decimal"):
+            c.encode(c.PRICE, "tok-1", bad, 0)
 
 
-def test_the_fingerprint_covers_the_data_only():
-    data = c.governance_data("w-1", [])
-    first = c.encode("governance:w-1", data, "2025-01-01T00:00:00.000Z")
-    later = c.encode("governance:w-1", data, "2025-01-02T00:00:00.000Z")
-    changed = c.encode("governance:w-1", c.governance_data("w-2", []), "2025-01-01T00:00:00.000Z")
-    assert first.fingerprint == later.fingerprint != changed.fingerprint
-    assert len(first.fingerprint) == c.FINGERPRINT_HEX
+def test_a_wallet_value_is_the_compact_json_of_the_prisma_result():
+    value = [c.lock_value({"id": "g1", "protocolId": "p", "walletId": "w", "lockAmount": "0.0000005",
+                           "votingPower": "4999.9", "boostMultiplier": None, "lockEndsAt": None,
+                           "lastRefreshedAt": "2025-01-31T11:00:00.000Z", "metadata": {"n": 2 ** 70},
+                           "createdAt": "2025-01-01T00:00:00.000Z", "updatedAt": "2025-01-02T00:00:00.000Z"})]
+    encoded = c.encode(c.GOVERNANCE, "w", value, 0)
+    assert encoded.value == (
+        b'[{"id":"g1","protocolId":"p","walletId":"w","lockAmount":"5e-7","votingPower":"4999.9",'
+        b'"boostMultiplier":null,"lockEndsAt":null,"lastRefreshedAt":"2025-01-31T11:00:00.000Z",'
+        b'"metadata":{"n":1180591620717411303424},"createdAt":"2025-01-01T00:00:00.000Z",'
+        b'"updatedAt":"2025-01-02T00:00:00.000Z"}]')
+    assert c.decode(c.GOVERNANCE, encoded.value) == json.loads(encoded.value)
+    assert c.encode(c.GOVERNANCE, "w", [], 0).value == b"[]"
 
 
 @pytest.mark.parametrize(
     "raw, message",
     [
         (b"not json", "not JSON"),
-        (b"[1, 2]", "JSON object"),
-        (b'{"schemaVersion":2,"computedAt":"2025-01-01T00:00:00.000Z","fingerprint":"x","data":{}}',
-         "schemaVersion 2"),
-        (b'{"schemaVersion":1,"computedAt":"2025-01-01T00:00:00.000Z","data":{}}', "lacks"),
-        (b'{"schemaVersion":1,"computedAt":"yesterday","fingerprint":"x","data":{}}', "computedAt"),
+        (b'{"schemaVersion":1,"computedAt":"2025-01-01T00:00:00.000Z","fingerprint":"x","data":{}}', "v1 envelope"),
+        (b'"a string"', "JSON array"),
     ],
 )
 def test_values_outside_the_contract_are_rejected_with_the_reason(raw, message):
     with pytest.raises(c.ContractError, match=message):
-        c.decode(raw)
+        c.decode(c.PORTFOLIO, raw)
 
 
 def test_comparing_first_pays_off_only_for_values_larger_than_the_question():

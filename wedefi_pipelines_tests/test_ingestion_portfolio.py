@@ -225,10 +225,11 @@ def test_the_tick_assets_and_their_check(db_env, conn):
     assert governance_cache["status"] == "refreshed"
     assert governance_cache["governance_written"] == meta["governance_locks"]["changed_wallets"].value > 0
     client = connect_redis(db_env.env["REDIS_URL"])
-    wallet, total, tracked = conn.execute("""SELECT "walletId", trim_scale(sum(coalesce("usdValue", 0)))::text, count(*)
-                                               FROM "TokenBalance" GROUP BY 1 ORDER BY 1 LIMIT 1""").fetchone()
-    value = json.loads(client.get(f"portfolio:{wallet}"))
-    assert value["data"]["totals"] == {"usdValue": total, "tokensTracked": tracked}
+    wallet, held = conn.execute("""SELECT "walletId", array_agg(trim_scale("usdValue")::text) FILTER (WHERE "usdValue" > 0)
+                                     FROM "TokenBalance" GROUP BY 1 ORDER BY 1 LIMIT 1""").fetchone()
+    [summary] = json.loads(client.get(f"portfolio:{wallet}"))  # cache contract v2: getPortfolioSummary's result
+    assert summary["id"] == wallet
+    assert sorted(Decimal(b["usdValue"]) for b in summary["balances"]) == sorted(Decimal(v) for v in held or [])
     assert 0 < client.ttl(f"portfolio:{wallet}") <= 300
     [locked] = conn.execute('SELECT "walletId" FROM "GovernanceLock" ORDER BY 1 LIMIT 1').fetchone()
     assert 300 < client.ttl(f"governance:{locked}") <= 1800

@@ -70,7 +70,7 @@ def test_every_table_exists_with_its_partitioning(db):
             "AND conrelid IN ('\"PriceSnapshot\"'::regclass, '\"PortfolioSnapshot\"'::regclass, "
             "'\"PositionSnapshot\"'::regclass, '\"TokenBalance\"'::regclass)").fetchall())
         assert keys["PriceSnapshot_pkey"] == 'PRIMARY KEY (id, "recordedAt")'
-        assert keys["PositionSnapshot_pkey"] == 'PRIMARY KEY (id, "capturedAt")'
+        assert keys["PositionSnapshot_id_capturedAt_key"] == 'UNIQUE NULLS NOT DISTINCT (id, "capturedAt")'  # 0007
         assert keys["TokenBalance_pkey"] == 'PRIMARY KEY (id, "walletId")'
         assert keys["PortfolioSnapshot_id_capturedAt_walletId_key"] == 'UNIQUE NULLS NOT DISTINCT (id, "capturedAt", "walletId")'
         # Prisma's column types

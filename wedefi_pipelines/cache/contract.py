@@ -1,49 +1,62 @@
-"""The cache's key and value contract, version 1: what WeDefiDaily's API may read from Redis.
+"""The cache's key and value contract, version 2: the WeDefiDaily app's own format.
 
-Pure (no I/O): key names, TTL lookup, the value envelope and the shapes of its `data`.
-docs/cache.md is the human version of this module; change both together, and bump
-SCHEMA_VERSION when a shape changes incompatibly (readers treat any other version as a
-miss, so a deploy with a new version re-reads from the database and overwrites).
+Pure (no I/O): key names, TTL lookup, and the exact bytes of each value. docs/cache.md is
+the human version of this module; change both together and bump CONTRACT_VERSION there
+and here when a value's format changes.
 
-Keys (the seed's "Caching Strategy"):
+Keys (the seed's "Caching Strategy"), and what the seed's `CacheManager` reads from them:
 
-    price:latest:{tokenId}    TTL cache.price_latest_ttl_s (60 s)
-    portfolio:{walletId}      TTL cache.portfolio_ttl_s    (300 s)
-    governance:{walletId}     TTL cache.governance_ttl_s   (1800 s)
+    price:latest:{tokenId}    TTL cache.price_latest_ttl_s (60 s)   parseFloat(value)
+    portfolio:{walletId}      TTL cache.portfolio_ttl_s    (300 s)  JSON.parse(value)
+    governance:{walletId}     TTL cache.governance_ttl_s   (1800 s) JSON.parse(value)
 
-Every value is one JSON object whose first members have a fixed layout, so Redis-side
-scripts can read them with GETRANGE without parsing the whole value:
+A price is the plain decimal text of "PriceSnapshot"."priceUsd" (no exponent, no
+envelope). A portfolio value is `JSON.stringify` of what the seed's
+`getPortfolioSummary(walletId)` returns through Prisma; a governance value the same for
+`governanceLock.findMany({ where: { walletId } })`. So the app reads values this project
+wrote exactly as it reads the ones it wrote itself. Prisma's JSON rules, reproduced here:
 
-    {"schemaVersion":1,"computedAt":"2025-01-31T12:00:00.000Z","fingerprint":"<16 hex>","data":{...}}
+* objects carry every scalar field in the Prisma model's order, relations after them;
+* Decimal -> decimal.js `toJSON()`: the shortest exact digits, in exponent form when the
+  value's decimal exponent is <= -7 or >= 21 (`9e-7`, `1.5e+21`), plain otherwise;
+* DateTime -> `Date.toJSON()`: `2025-01-31T12:00:00.000Z` (the columns hold UTC);
+* BigInt ("TokenBalance"."blockNumber") -> its decimal digits as a JSON string: the rule
+  the app must install (`BigInt.prototype.toJSON = function () { return this.toString() }`),
+  since `JSON.stringify` throws on a BigInt otherwise;
+* Json columns -> the JSON value itself.
 
-`computedAt` is fixed-width UTC with milliseconds, so strings compare like times;
-`fingerprint` is a hash of `data` alone, so an unchanged value is recognised across
-refreshes. Numbers inside `data` are exact decimal strings (no exponent, no trailing
-zeros: PostgreSQL's `trim_scale(x)::text`), never floats.
+Nothing else is inside a value. When a value was computed is carried by its expiry: every
+writer stores a value with `PXAT computedAt + TTL` (the app's `SETEX key TTL` does the
+same, at its write time), so `computedAt = expiry - TTL` for any value (store.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-import orjson  # 3-10x faster than json here; same compact output, so the same fingerprints
+import orjson  # 3-10x faster than json for the same compact output
 
-SCHEMA_VERSION = 1
-FINGERPRINT_HEX = 16
+CONTRACT_VERSION = 2
 # Keys the contract does not publish: stampede locks. Outside the three key patterns,
 # so `--scan --pattern 'portfolio:*'` lists values only.
 LOCK_PREFIX = "wedefi:lock:"
 
 _ISO_FORMAT = "%Y-%m-%dT%H:%M:%S"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+PLAIN_DECIMAL = re.compile(r"^-?\d+(\.\d*[1-9])?$")  # PostgreSQL's trim_scale(x)::text
+# decimal.js (Prisma.Decimal) switches to exponent notation at these decimal exponents
+JS_EXP_NEG = -7
+JS_EXP_POS = 21
 
 
 class ContractError(ValueError):
-    """A cached value that does not follow this contract (malformed, or another schema version)."""
+    """A cached value that does not follow this contract (malformed, or another version's format)."""
 
 
 @dataclass(frozen=True)
@@ -105,148 +118,153 @@ def lock_key(key: str) -> str:
 # -- times and numbers --------------------------------------------------------------------------
 
 def iso_utc(moment: datetime) -> str:
-    """'2025-01-31T12:00:00.123Z': fixed width, so these strings sort like the times.
+    """'2025-01-31T12:00:00.123Z', what JavaScript's `Date.toJSON()` prints.
 
     An aware datetime is converted to UTC; a naive one is taken as UTC already (the
     app's `timestamp(3) without time zone` columns hold UTC). Sub-millisecond digits are
-    truncated, never rounded up, so a value is never dated later than it was computed.
+    truncated, never rounded up.
     """
     if moment.tzinfo is not None:
         moment = moment.astimezone(timezone.utc)
     return f"{moment.strftime(_ISO_FORMAT)}.{moment.microsecond // 1000:03d}Z"
 
 
-def iso_or_none(moment: datetime | None) -> str | None:
-    return None if moment is None else iso_utc(moment)
-
-
 def parse_iso_utc(text: str) -> datetime:
     if not isinstance(text, str) or not _ISO_RE.match(text):
-        raise ContractError(f"computedAt must look like 2025-01-31T12:00:00.000Z, got {text!r}")
-    return datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)  # 100x faster than strptime
+        raise ContractError(f"a time must look like 2025-01-31T12:00:00.000Z, got {text!r}")
+    return datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)
 
 
-# -- envelope -----------------------------------------------------------------------------------
+def epoch_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch (a naive datetime is UTC), truncated like iso_utc."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    delta = moment - _EPOCH
+    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 
-def data_json(data: Any) -> bytes:
-    """The canonical JSON of a value's `data`: compact UTF-8, members in the order built here."""
-    return orjson.dumps(data)
+
+def from_epoch_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
 
 
-def fingerprint(data_text: bytes) -> str:
-    return hashlib.blake2b(data_text, digest_size=FINGERPRINT_HEX // 2).hexdigest()
+def js_decimal(text: str | None) -> str | None:
+    """decimal.js's `toString()` of a decimal given as PostgreSQL's `trim_scale(x)::text`.
+
+    That is what `JSON.stringify` writes for a Prisma Decimal: the same digits, switched
+    to exponent notation when the decimal exponent is <= -7 (|x| < 1e-6) or >= 21
+    (|x| >= 1e21): `0.0000009` -> `9e-7`, `1500000000000000000000` -> `1.5e+21`.
+    """
+    if text is None:
+        return None
+    sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
+    whole, _, frac = digits.partition(".")
+    if whole != "0":
+        exponent = len(whole) - 1
+        if exponent < JS_EXP_POS:
+            return text
+        significant = (whole + frac).rstrip("0")
+    else:
+        if not frac:
+            return text  # zero
+        stripped = frac.lstrip("0")
+        exponent = -(len(frac) - len(stripped) + 1)
+        if exponent > JS_EXP_NEG:
+            return text
+        significant = stripped
+    mantissa = significant[0] + ("." + significant[1:] if len(significant) > 1 else "")
+    return f"{sign}{mantissa}e{'+' if exponent >= 0 else '-'}{abs(exponent)}"
+
+
+def plain_decimal(text: str) -> str:
+    """A price value: PostgreSQL's plain decimal text, checked (no exponent, no trailing zeros)."""
+    if not isinstance(text, str) or not PLAIN_DECIMAL.match(text):
+        raise ContractError(f"a price must be a plain decimal like 3001.25, got {text!r}")
+    return text
+
+
+# -- values -------------------------------------------------------------------------------------
+
+def value_json(value: Any) -> bytes:
+    """`JSON.stringify`'s compact form. Json columns may hold integers beyond 64 bits,
+    which orjson refuses; the standard library writes them (JSON.parse reads both alike)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """A value ready for Redis: its bytes, the fingerprint of its data and its computedAt."""
+    """A value ready for Redis: its bytes, their SHA-1 (what Lua's redis.sha1hex computes),
+    and when the data behind it was read (epoch milliseconds)."""
 
     key: str
     value: bytes
-    fingerprint: str
-    computed_at: str
+    sha1: str
+    computed_ms: int
 
 
-def encode(key: str, data: Any, computed_at: datetime | str) -> Encoded:
-    at = computed_at if isinstance(computed_at, str) else iso_utc(computed_at)
-    text = data_json(data)
-    fp = fingerprint(text)
-    head = f'{{"schemaVersion":{SCHEMA_VERSION},"computedAt":"{at}","fingerprint":"{fp}","data":'
-    return Encoded(key, head.encode() + text + b"}", fp, at)
+def encode(fam: Family, entity_id: str, value: Any, computed_at: datetime | int) -> Encoded:
+    """The value's bytes: a price's decimal text, or the JSON of a wallet family's array."""
+    if fam is PRICE:
+        raw = plain_decimal(value).encode()
+    elif isinstance(value, list):
+        raw = value_json(value)
+    else:
+        raise ContractError(f"{fam.name} values are JSON arrays (Prisma findMany results), got {type(value).__name__}")
+    at = computed_at if isinstance(computed_at, int) else epoch_ms(computed_at)
+    return Encoded(fam.key(entity_id), raw, hashlib.sha1(raw).hexdigest(), at)
 
 
-@dataclass(frozen=True)
-class Envelope:
-    schema_version: int
-    computed_at: datetime
-    fingerprint: str
-    data: Any
-
-
-def decode(raw: bytes | str) -> Envelope:
-    """A cached value, checked against this version of the contract."""
+def decode(fam: Family, raw: bytes | str) -> Any:
+    """A cached value, checked against this contract: a price's text, or a JSON array."""
+    if fam is PRICE:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return plain_decimal(text)
     try:
-        obj = orjson.loads(raw)
-    except (TypeError, ValueError) as exc:
-        raise ContractError(f"cached value is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ContractError(f"cached value must be a JSON object, got {type(obj).__name__}")
-    version = obj.get("schemaVersion")
-    if version != SCHEMA_VERSION:
-        raise ContractError(f"cached value has schemaVersion {version!r}; this reader understands {SCHEMA_VERSION}")
-    missing = [k for k in ("computedAt", "fingerprint", "data") if k not in obj]
-    if missing:
-        raise ContractError(f"cached value lacks {missing}")
-    return Envelope(version, parse_iso_utc(obj["computedAt"]), obj["fingerprint"], obj["data"])
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # integers beyond 64 bits in a Json column
+            value = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise ContractError(f"{fam.name} value is not JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise ContractError(f"{fam.name} value must be a JSON array (a Prisma findMany result), "
+                            f"got {type(value).__name__} (a contract v1 envelope?)")
+    return value
 
 
-# -- data shapes (v1) ---------------------------------------------------------------------------
+# -- value shapes: Prisma's models, fields in schema order ---------------------------------------
 
-def price_data(token_id: str, price_usd: str, source: str, recorded_at: datetime) -> dict:
-    """`price:latest:{tokenId}`: the newest "PriceSnapshot" row of the token."""
-    return {"tokenId": token_id, "priceUsd": price_usd, "source": source, "recordedAt": iso_utc(recorded_at)}
+def token_value(row: Mapping[str, Any]) -> dict:
+    """Prisma's `Token`: id, chainId, address, symbol, name, decimals, isNative, metadata, createdAt, updatedAt."""
+    return {k: row[k] for k in ("id", "chainId", "address", "symbol", "name", "decimals", "isNative", "metadata",
+                                "createdAt", "updatedAt")}
 
 
-def portfolio_data(
-    wallet: Mapping[str, Any], usd_value: str, tokens_tracked: int,
-    holdings: list[dict], snapshot: dict | None,
-) -> dict:
-    """`portfolio:{walletId}`: the seed's portfolio summary, shaped like the app's /portfolio route.
-
-    `totals` sums every "TokenBalance" of the wallet (a NULL "usdValue" counts as 0);
-    `topHoldings` are its priced balances by "usdValue", largest first, ties by token id;
-    `snapshot` is its newest "PortfolioSnapshot" within the lookback window, or null.
-    """
+def balance_value(row: Mapping[str, Any], token: dict) -> dict:
+    """Prisma's `TokenBalance` with `include: { token: true }`."""
     return {
-        "wallet": dict(wallet),
-        "totals": {"usdValue": usd_value, "tokensTracked": tokens_tracked},
-        "topHoldings": holdings,
-        "snapshot": snapshot,
+        "id": row["id"], "walletId": row["walletId"], "tokenId": row["tokenId"], "rawBalance": row["rawBalance"],
+        "quantity": js_decimal(row["quantity"]), "usdValue": js_decimal(row["usdValue"]),
+        "blockNumber": None if row["blockNumber"] is None else str(row["blockNumber"]),
+        "fetchedAt": row["fetchedAt"], "createdAt": row["createdAt"], "updatedAt": row["updatedAt"],
+        "token": token,
     }
 
 
-def wallet_data(wallet_id: str, address: str, label: str | None, chain_id: int, chain_name: str) -> dict:
-    return {"id": wallet_id, "address": address, "label": label, "chainId": chain_id, "chainName": chain_name}
+def wallet_value(row: Mapping[str, Any], balances: list[dict]) -> dict:
+    """Prisma's `Wallet` with `include: { balances: ... }`."""
+    return {k: row[k] for k in ("id", "address", "chainId", "label", "metadata", "createdAt", "updatedAt")} | {
+        "balances": balances}
 
 
-def holding_data(
-    token_id: str, symbol: str, name: str, decimals: int, is_native: bool,
-    quantity: str, raw_balance: str, usd_value: str,
-) -> dict:
+def lock_value(row: Mapping[str, Any]) -> dict:
+    """Prisma's `GovernanceLock`."""
     return {
-        "token": {"id": token_id, "symbol": symbol, "name": name, "decimals": decimals, "isNative": is_native},
-        "quantity": quantity,
-        "rawBalance": raw_balance,
-        "usdValue": usd_value,
-    }
-
-
-def snapshot_data(
-    captured_at: datetime, total: str, change_24h: str | None, change_7d: str | None, change_30d: str | None,
-) -> dict:
-    return {
-        "capturedAt": iso_utc(captured_at),
-        "totalUsdValue": total,
-        "totalUsdValueChange24h": change_24h,
-        "totalUsdValueChange7d": change_7d,
-        "totalUsdValueChange30d": change_30d,
-    }
-
-
-def governance_data(wallet_id: str, locks: list[dict]) -> dict:
-    """`governance:{walletId}`: the wallet's "GovernanceLock" rows (an empty list is a valid value)."""
-    return {"walletId": wallet_id, "locks": locks}
-
-
-def lock_data(
-    protocol_id: str, slug: str, protocol_name: str, lock_amount: str, voting_power: str,
-    boost_multiplier: str | None, lock_ends_at: datetime | None, last_refreshed_at: datetime,
-) -> dict:
-    return {
-        "protocol": {"id": protocol_id, "slug": slug, "name": protocol_name},
-        "lockAmount": lock_amount,
-        "votingPower": voting_power,
-        "boostMultiplier": boost_multiplier,
-        "lockEndsAt": iso_or_none(lock_ends_at),
-        "lastRefreshedAt": iso_utc(last_refreshed_at),
+        "id": row["id"], "protocolId": row["protocolId"], "walletId": row["walletId"],
+        "lockAmount": js_decimal(row["lockAmount"]), "votingPower": js_decimal(row["votingPower"]),
+        "boostMultiplier": js_decimal(row["boostMultiplier"]), "lockEndsAt": row["lockEndsAt"],
+        "lastRefreshedAt": row["lastRefreshedAt"], "metadata": row["metadata"],
+        "createdAt": row["createdAt"], "updatedAt": row["updatedAt"],
     }

@@ -87,7 +87,7 @@ def invalidate_wallets(
             written = kept = 0
             for start in range(0, len(ids), cfg.pipeline_batch):
                 chunk = [i for i in ids[start:start + cfg.pipeline_batch] if i in by_wallet]
-                counts = store.put_many([c.encode(fam.key(i), by_wallet[i], at) for i in chunk], fam.ttl(cfg))
+                counts = store.put_many([c.encode(fam, i, by_wallet[i], at) for i in chunk], fam.ttl(cfg))
                 written, kept = written + counts.written, kept + counts.kept_newer
             gone = [fam.key(i) for i in ids if i not in by_wallet]
             summary[f"{fam.name}_written"] = written
@@ -102,18 +102,17 @@ def invalidate_wallets(
     return summary
 
 
-def _read(db: Database, ids: list[str], chosen: Sequence[c.Family], cfg) -> dict[str, tuple[str, dict]]:
-    """Each family's new values, read from the primary after the caller's commit."""
-    out: dict[str, tuple[str, dict]] = {}
-    since = q.window_start(cfg.lookback_days)
+def _read(db: Database, ids: list[str], chosen: Sequence[c.Family], cfg) -> dict[str, tuple[int, dict]]:
+    """Each family's new values (and their computedAt, epoch ms), read from the primary after the caller's commit."""
+    out: dict[str, tuple[int, dict]] = {}
     for fam in chosen:
-        at = c.iso_utc(read_time(db, INVALIDATION_WORKLOAD)[0])
-        by_wallet: dict[str, dict] = {}
+        at = c.epoch_ms(read_time(db, INVALIDATION_WORKLOAD)[0])
+        by_wallet: dict[str, list] = {}
         with db.connection(INVALIDATION_WORKLOAD) as conn:
             for start in range(0, len(ids), cfg.pipeline_batch):
                 chunk = ids[start:start + cfg.pipeline_batch]
                 if fam is c.PORTFOLIO:
-                    by_wallet.update(q.portfolio_summaries(conn, chunk, since, cfg.top_holdings))
+                    by_wallet.update(q.portfolio_summaries(conn, chunk))
                 else:
                     by_wallet.update(q.governance_locks(conn, chunk))
         out[fam.name] = (at, by_wallet)

@@ -11,7 +11,8 @@ between its threads. What it adds to the seed's get-or-query-then-setex:
   it starts and once when it ends, not per call, and Redis is only re-probed every
   `cache.outage_retry_s`, so a dead Redis costs no timeout per request.
 * **Database down.** Whatever the cache holds is still served, as a `CachedValue` carrying
-  the time it was computed, so the caller can show its age; a miss raises
+  the time it was computed (its expiry minus its TTL, contract.py), so the caller can
+  show its age; a miss raises
   DataUnavailable. The outage is logged once and the database re-probed every
   `cache.outage_retry_s`, failing fast in between.
 * **Batches and pages.** `get_batched_portfolio_data` reads many wallets with one MGET
@@ -19,8 +20,10 @@ between its threads. What it adds to the seed's get-or-query-then-setex:
   `get_paged_portfolio_data` keeps the seed's page/limit/total and adds a keyset cursor,
   so deep pages cost what the first does and concurrent inserts never repeat or skip a wallet.
 
-Values are written through `CacheStore.put_many`, so a value read here never
-overwrites one computed later by the refresh or by invalidation.
+Values are the app's own format (contract v2): the price's decimal text, or the Prisma
+result arrays the app's `JSON.parse` reads. They are written through
+`CacheStore.put_many`, so a value read here never overwrites one computed later by the
+refresh, by invalidation or by the app.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,14 +62,21 @@ class DataUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class CachedValue:
-    """A contract value and where it came from: `computed_at` says how old `data` is."""
+    """A contract value and where it came from: `computed_at` says how old `data` is.
+
+    `data` is what the app's reader gets: a price's decimal text (str; read it with
+    `Decimal`), or the JSON-parsed Prisma result (a list of dicts: one wallet with its
+    balances, or the wallet's governance locks). `computed_at` is None for a key stored
+    without expiry (outside the contract: its age is unknown)."""
 
     key: str
     data: Any
-    computed_at: datetime
+    computed_at: datetime | None
     source: str  # "cache" or "database"
 
-    def age_s(self, now: datetime | None = None) -> float:
+    def age_s(self, now: datetime | None = None) -> float | None:
+        if self.computed_at is None:
+            return None
         return ((now or datetime.now(timezone.utc)) - self.computed_at).total_seconds()
 
 
@@ -214,11 +224,13 @@ class CacheManager:
         return self._get(c.PRICE, token_id)
 
     def get_portfolio_summary(self, wallet_id: str) -> CachedValue | None:
-        """`portfolio:{walletId}`; None for an unknown wallet."""
-        return self._get(c.PORTFOLIO, wallet_id)
+        """`portfolio:{walletId}`: `[wallet with its balances worth > 0]`; None for an unknown
+        wallet (also when the app's reader cached `[]` for it)."""
+        value = self._get(c.PORTFOLIO, wallet_id)
+        return None if value is None or not value.data else value
 
     def get_governance_locks(self, wallet_id: str) -> CachedValue | None:
-        """`governance:{walletId}` (its locks may be an empty list); None for an unknown wallet."""
+        """`governance:{walletId}`: the wallet's "GovernanceLock" rows (possibly `[]`); None for an unknown wallet."""
         return self._get(c.GOVERNANCE, wallet_id)
 
     # -- many wallets ----------------------------------------------------------------------------
@@ -230,8 +242,8 @@ class CacheManager:
             try:
                 raws = self.store.get_many([c.PORTFOLIO.key(i) for i in ids])
                 self.redis_outage.succeeded()
-                for wallet_id, raw in zip(ids, raws):
-                    hit = self._decode(c.PORTFOLIO.key(wallet_id), raw)
+                for wallet_id, (raw, pttl) in zip(ids, raws):
+                    hit = self._decode(c.PORTFOLIO, c.PORTFOLIO.key(wallet_id), raw, pttl)
                     if hit is not None:
                         found[wallet_id] = hit
             except redis.RedisError as exc:
@@ -244,7 +256,8 @@ class CacheManager:
                 found.update(self._load_and_store(c.PORTFOLIO, missing))
             except DataUnavailable:
                 unavailable = missing
-        return Batch(((i, found[i]) for i in ids if i in found), unavailable=unavailable)
+        # a cached `[]` (the app's reader stores one for an unknown id) is an unknown wallet
+        return Batch(((i, found[i]) for i in ids if i in found and found[i].data), unavailable=unavailable)
 
     def get_paged_portfolio_data(
         self, page: int = 1, limit: int = 50, *, min_value: Decimal | str | int | None = None,
@@ -271,7 +284,7 @@ class CacheManager:
                                   f"are neither cached nor readable: the database is unavailable")
         last = rows[-1] if len(rows) == limit else None
         return PortfolioPage(
-            data=[summaries[wid] for wid, _ in rows if wid in summaries],
+            data=[summaries[wid] for wid, _ in rows if wid in summaries],  # each .data: [wallet]
             limit=limit,
             page=None if after else page,
             total=total,
@@ -284,7 +297,7 @@ class CacheManager:
         key = fam.key(entity_id)
         if self._redis_usable():
             try:
-                hit = self._read(key)
+                hit = self._read(fam, key)
                 self.redis_outage.succeeded()
                 if hit is not None:
                     self._count(hits=1)
@@ -299,7 +312,7 @@ class CacheManager:
         lock = None
         if self._redis_usable():
             try:
-                lock, hit = self._lock_or_wait(key)
+                lock, hit = self._lock_or_wait(fam, key)
                 if hit is not None:
                     return hit
             except redis.RedisError as exc:
@@ -313,7 +326,7 @@ class CacheManager:
                 except redis.RedisError:
                     pass  # it expires by itself
 
-    def _lock_or_wait(self, key: str):
+    def _lock_or_wait(self, fam: c.Family, key: str):
         """(lock, None) when this process should load the key; (None, value) when another
         process's load landed meanwhile; (None, None) when waiting timed out."""
         lock = self.store.client.lock(c.lock_key(key), timeout=self.cfg.lock_timeout_s, blocking=False,
@@ -321,13 +334,13 @@ class CacheManager:
         deadline = time.monotonic() + self.cfg.lock_timeout_s
         while True:
             if lock.acquire(blocking=False):
-                hit = self._read(key)  # it may have landed between our miss and the lock
+                hit = self._read(fam, key)  # it may have landed between our miss and the lock
                 if hit is None:
                     return lock, None
                 lock.release()
                 return None, hit
             time.sleep(_POLL_S)
-            hit = self._read(key)
+            hit = self._read(fam, key)
             if hit is not None:
                 return None, hit
             if time.monotonic() >= deadline:
@@ -336,26 +349,27 @@ class CacheManager:
     def _load_and_store(self, fam: c.Family, ids: list[str]) -> dict[str, CachedValue]:
         workload = PRICE_WORKLOAD if fam is c.PRICE else WALLET_WORKLOAD
         values, at = self._query(fam.name, workload, lambda conn: self._loader(fam, conn, ids), stamped=True)
-        entries = [c.encode(fam.key(i), data, at) for i, data in values.items()]
+        entries = [c.encode(fam, i, value, at) for i, value in values.items()]
         if entries and self._redis_usable():
             try:
                 self.store.put_many(entries, fam.ttl(self.cfg), compare=False)
                 self.redis_outage.succeeded()
             except redis.RedisError as exc:
                 self._redis_failed(exc)
-        stamped = c.parse_iso_utc(at)
-        return {i: CachedValue(fam.key(i), data, stamped, "database") for i, data in values.items()}
+        stamped = c.from_epoch_ms(at)
+        # decoded from the bytes just stored, so a load and a later hit return the same data
+        # (a Json integer beyond a double's precision reads back as the float JSON.parse gives)
+        return {fam.entity_id(e.key): CachedValue(e.key, c.decode(fam, e.value), stamped, "database") for e in entries}
 
-    def _loader(self, fam: c.Family, conn: psycopg.Connection, ids: list[str]) -> dict[str, dict]:
-        since = q.window_start(self.cfg.lookback_days)
+    def _loader(self, fam: c.Family, conn: psycopg.Connection, ids: list[str]) -> dict[str, Any]:
         if fam is c.PRICE:
-            return q.latest_prices(conn, since, ids)
+            return q.latest_prices(conn, q.window_start(self.cfg.lookback_days), ids)
         if fam is c.PORTFOLIO:
-            return q.portfolio_summaries(conn, ids, since, self.cfg.top_holdings)
+            return q.portfolio_summaries(conn, ids)
         return q.governance_locks(conn, ids)
 
     def _query(self, label: str, workload: str, fn: Callable[[psycopg.Connection], Any], stamped: bool = False) -> Any:
-        """fn's result on a routed connection (and, `stamped`, the computedAt of what it read)."""
+        """fn's result on a routed connection (and, `stamped`, the computedAt of what it read, epoch ms)."""
         if not self.db_outage.should_try():
             raise DataUnavailable(f"not cached, and the database is unavailable (down for "
                                   f"{time.monotonic() - self.db_outage.down_since:.1f}s; retried every "
@@ -372,21 +386,24 @@ class CacheManager:
             self.db_outage.failed(exc, "serving cached values only")
             raise DataUnavailable(f"not cached, and the database cannot be read: {exc}") from exc
         self.db_outage.succeeded()
-        return (result, c.iso_utc(computed_at)) if stamped else result
+        return (result, c.epoch_ms(computed_at)) if stamped else result
 
     # -- Redis ----------------------------------------------------------------------------------
-    def _read(self, key: str) -> CachedValue | None:
-        return self._decode(key, self.store.get(key))
+    def _read(self, fam: c.Family, key: str) -> CachedValue | None:
+        return self._decode(fam, key, *self.store.get(key))
 
-    def _decode(self, key: str, raw: bytes | None) -> CachedValue | None:
+    def _decode(self, fam: c.Family, key: str, raw: bytes | None, pttl: int) -> CachedValue | None:
         if raw is None:
             return None
         try:
-            env = c.decode(raw)
+            data = c.decode(fam, raw)
         except c.ContractError as exc:
             self.log.debug("%s: treated as a miss (%s)", key, exc)
             return None
-        return CachedValue(key, env.data, env.computed_at, "cache")
+        computed_at = None
+        if pttl >= 0:  # computedAt = expiry - TTL (contract.py)
+            computed_at = datetime.now(timezone.utc) + timedelta(milliseconds=pttl - fam.ttl(self.cfg) * 1000)
+        return CachedValue(key, data, computed_at, "cache")
 
     def _redis_usable(self) -> bool:
         return self.store is not None and self.redis_outage.should_try()

@@ -2,12 +2,14 @@
 CacheManager and invalidation, so a value means the same thing whoever computed it.
 
 Each function takes an open psycopg connection (the caller picks the server through the
-database's workload routing) and returns contract-shaped `data` by id. Many ids cost one
-statement (`= ANY(%s)`), never one per id: the seed's N+1 fix. Decimals are turned into
-exact text by PostgreSQL (`trim_scale(x)::text`), so no float is ever involved.
+database's workload routing) and returns contract values by id (contract.py: a price's
+text, or what Prisma's findMany returns). Many ids cost one statement (`= ANY(%s)` or an
+id range), never one per id: the seed's N+1 fix. PostgreSQL formats decimals
+(`trim_scale(x)::text`, exact) and times (`Date.toJSON()`'s form), so no float is
+involved and Python builds the JSON without parsing a number or a date.
 
-"Latest" lookups carry a lower time bound (`since`) so the planner prunes every older
-monthly child (DESIGN.md section 6): per token or per wallet, an index-driven LATERAL
+The latest price carries a lower time bound (`since`) so the planner prunes every older
+monthly child (DESIGN.md section 6): per token an index-driven LATERAL
 `ORDER BY ... DESC LIMIT 1` over the children inside the window.
 """
 
@@ -22,6 +24,7 @@ from typing import Sequence, Union
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from wedefi_pipelines.cache import contract as c
 
@@ -35,10 +38,10 @@ def window_start(lookback_days: int, now: datetime | None = None) -> datetime:
 
 
 LATEST_PRICES = """
-SELECT t.id, p.price, p.source, p."recordedAt"
+SELECT t.id, p.price
   FROM "Token" t
  CROSS JOIN LATERAL (
-        SELECT trim_scale(s."priceUsd")::text AS price, s.source, s."recordedAt"
+        SELECT trim_scale(s."priceUsd")::text AS price
           FROM "PriceSnapshot" s
          WHERE s."tokenId" = t.id AND s."recordedAt" >= %(since)s
          ORDER BY s."recordedAt" DESC, s.source DESC
@@ -48,8 +51,9 @@ SELECT t.id, p.price, p.source, p."recordedAt"
 """
 
 
-def latest_prices(conn: psycopg.Connection, since: datetime, token_ids: Sequence[str] | None = None) -> dict[str, dict]:
-    """Each token's newest price recorded at or after `since` (all tokens when `token_ids` is None).
+def latest_prices(conn: psycopg.Connection, since: datetime, token_ids: Sequence[str] | None = None) -> dict[str, str]:
+    """Each token's newest "priceUsd" recorded at or after `since`, as plain decimal text
+    (all tokens when `token_ids` is None).
 
     A token with no price inside the window has no entry. Ties on "recordedAt" (two
     sources) resolve to the greatest source name, deterministically.
@@ -57,44 +61,31 @@ def latest_prices(conn: psycopg.Connection, since: datetime, token_ids: Sequence
     where = sql.SQL("WHERE t.id = ANY(%(ids)s)") if token_ids is not None else sql.SQL("")
     query = sql.SQL(LATEST_PRICES).format(where=where)
     rows = conn.execute(query, {"since": since, "ids": list(token_ids or [])})
-    return {tid: c.price_data(tid, price, source, at) for tid, price, source, at in rows}
+    return {tid: price for tid, price in rows}
 
 
-# One pass over the chunk's balances (every hash partition visited once, not once per
-# wallet): window functions give each wallet's total and count on every row and rank its
-# balances by value, so positives come first; the lateral picks each wallet's newest
-# snapshot inside the window through the per-child ("walletId", "capturedAt") index.
-PORTFOLIO_SUMMARIES = """
-WITH bal AS (
-    SELECT b."walletId", b."tokenId", b.quantity, b."rawBalance", b."usdValue",
-           sum(b."usdValue") OVER per_wallet AS total,
-           count(*) OVER per_wallet AS n,
-           row_number() OVER (PARTITION BY b."walletId" ORDER BY b."usdValue" DESC NULLS LAST, b."tokenId") AS rn
-      FROM "TokenBalance" b
-     WHERE {balance_filter}
-    WINDOW per_wallet AS (PARTITION BY b."walletId")
-)
-SELECT w.id, w.address, w.label, w."chainId", ch.name,
-       trim_scale(coalesce(bal.total, 0))::text, coalesce(bal.n, 0),
-       snap."capturedAt", snap.total, snap.d24h, snap.d7d, snap.d30d,
-       bal."usdValue" > 0, bal."tokenId", t.symbol, t.name, t.decimals, t."isNative",
-       trim_scale(bal.quantity)::text, bal."rawBalance", trim_scale(bal."usdValue")::text
+def _iso(column: str) -> str:
+    """SQL formatting a timestamp(3) column (UTC) the way JavaScript's Date.toJSON() does."""
+    return f"""to_char({column}, 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+
+
+# The seed's getPortfolioSummary: `wallet.findMany({ where: { id }, include: { balances: {
+# include: { token: true }, where: { usdValue: { gt: 0 } } } } })`, for a chunk of wallets
+# in one pass over their balances (every hash partition of "TokenBalance" visited once).
+PORTFOLIO_SUMMARIES = f"""
+SELECT w.id AS w_id, w.address AS w_address, w."chainId" AS w_chain, w.label AS w_label, w.metadata AS w_metadata,
+       {_iso('w."createdAt"')} AS w_created, {_iso('w."updatedAt"')} AS w_updated,
+       b.id, b."walletId", b."tokenId", b."rawBalance",
+       trim_scale(b.quantity)::text AS quantity, trim_scale(b."usdValue")::text AS "usdValue", b."blockNumber",
+       {_iso('b."fetchedAt"')} AS "fetchedAt", {_iso('b."createdAt"')} AS "createdAt",
+       {_iso('b."updatedAt"')} AS "updatedAt",
+       t.id AS t_id, t."chainId" AS t_chain, t.address AS t_address, t.symbol, t.name, t.decimals, t."isNative",
+       t.metadata AS t_metadata, {_iso('t."createdAt"')} AS t_created, {_iso('t."updatedAt"')} AS t_updated
   FROM "Wallet" w
-  JOIN "Chain" ch ON ch.id = w."chainId"
-  LEFT JOIN bal ON bal."walletId" = w.id AND bal.rn <= %(top)s
-  LEFT JOIN "Token" t ON t.id = bal."tokenId"
-  LEFT JOIN LATERAL (
-        SELECT s."capturedAt",
-               trim_scale(s."totalUsdValue")::text AS total,
-               trim_scale(s."totalUsdValueChange24h")::text AS d24h,
-               trim_scale(s."totalUsdValueChange7d")::text AS d7d,
-               trim_scale(s."totalUsdValueChange30d")::text AS d30d
-          FROM "PortfolioSnapshot" s
-         WHERE s."walletId" = w.id AND s."capturedAt" >= %(since)s
-         ORDER BY s."capturedAt" DESC
-         LIMIT 1) snap ON true
- WHERE {wallet_filter}
- ORDER BY w.id, bal.rn
+  LEFT JOIN ("TokenBalance" b JOIN "Token" t ON t.id = b."tokenId")
+         ON b."walletId" = w.id AND b."usdValue" > 0 AND {{balance_filter}}
+ WHERE {{wallet_filter}}
+ ORDER BY w.id, b."usdValue" DESC, b."tokenId"
 """
 
 
@@ -117,56 +108,60 @@ def _wallet_filter(column: sql.Identifier, wallets: Wallets) -> tuple[sql.Compos
     return sql.SQL("{} = ANY(%(ids)s)").format(column), {"ids": list(wallets)}
 
 
-def portfolio_summaries(conn: psycopg.Connection, wallets: Wallets, since: datetime, top: int) -> dict[str, dict]:
-    """The portfolio summary of every existing wallet among `wallets` (unknown ids are absent)."""
+def portfolio_summaries(conn: psycopg.Connection, wallets: Wallets) -> dict[str, list[dict]]:
+    """`getPortfolioSummary(walletId)`'s result for every existing wallet among `wallets`:
+    a one-element array (unknown ids are absent; the app would read `[]` for them).
+
+    Balances are listed by "usdValue", largest first, then token id (Prisma's query has no
+    order; readers compare them as a set)."""
     if not isinstance(wallets, WalletRange) and not wallets:
         return {}
     balance_filter, params = _wallet_filter(sql.Identifier("b", "walletId"), wallets)
     wallet_filter, _ = _wallet_filter(sql.Identifier("w", "id"), wallets)
     query = sql.SQL(PORTFOLIO_SUMMARIES).format(balance_filter=balance_filter, wallet_filter=wallet_filter)
-    out: dict[str, dict] = {}
-    holdings: list[dict] = []
-    current = None
-    rows = conn.execute(query, {**params, "since": since, "top": top}).fetchall()
-    for row in rows:
-        (wid, address, label, chain_id, chain_name, total, count,
-         captured_at, snap_total, d24h, d7d, d30d,
-         holding, token_id, symbol, name, decimals, is_native, quantity, raw, usd) = row
-        if wid != current:
-            current, holdings = wid, []
-            snapshot = None if captured_at is None else c.snapshot_data(captured_at, snap_total, d24h, d7d, d30d)
-            out[wid] = c.portfolio_data(
-                c.wallet_data(wid, address, label, chain_id, chain_name), total, count, holdings, snapshot,
-            )
-        if holding:
-            holdings.append(c.holding_data(token_id, symbol, name, decimals, is_native, quantity, raw, usd))
+    out: dict[str, list[dict]] = {}
+    with conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(query, params):
+            wid = row["w_id"]
+            entry = out.get(wid)
+            if entry is None:
+                entry = out[wid] = [c.wallet_value({
+                    "id": wid, "address": row["w_address"], "chainId": row["w_chain"], "label": row["w_label"],
+                    "metadata": row["w_metadata"], "createdAt": row["w_created"], "updatedAt": row["w_updated"]}, [])]
+            if row["id"] is not None:
+                token = c.token_value({
+                    "id": row["t_id"], "chainId": row["t_chain"], "address": row["t_address"], "symbol": row["symbol"],
+                    "name": row["name"], "decimals": row["decimals"], "isNative": row["isNative"],
+                    "metadata": row["t_metadata"], "createdAt": row["t_created"], "updatedAt": row["t_updated"]})
+                entry[0]["balances"].append(c.balance_value(row, token))
     return out
 
 
-GOVERNANCE_LOCKS = """
-SELECT w.id, g."protocolId", p.slug, p.name,
-       trim_scale(g."lockAmount")::text, trim_scale(g."votingPower")::text,
-       trim_scale(g."boostMultiplier")::text, g."lockEndsAt", g."lastRefreshedAt"
+GOVERNANCE_LOCKS = f"""
+SELECT w.id AS w_id, g.id, g."protocolId", g."walletId",
+       trim_scale(g."lockAmount")::text AS "lockAmount", trim_scale(g."votingPower")::text AS "votingPower",
+       trim_scale(g."boostMultiplier")::text AS "boostMultiplier", {_iso('g."lockEndsAt"')} AS "lockEndsAt",
+       {_iso('g."lastRefreshedAt"')} AS "lastRefreshedAt", g.metadata,
+       {_iso('g."createdAt"')} AS "createdAt", {_iso('g."updatedAt"')} AS "updatedAt"
   FROM "Wallet" w
   LEFT JOIN "GovernanceLock" g ON g."walletId" = w.id
-  LEFT JOIN "Protocol" p ON p.id = g."protocolId"
- WHERE {wallet_filter}
- ORDER BY w.id, p.slug, g."protocolId"
+ WHERE {{wallet_filter}}
+ ORDER BY w.id, g."protocolId", g.id
 """
 
 
-def governance_locks(conn: psycopg.Connection, wallets: Wallets) -> dict[str, dict]:
-    """Every existing wallet's "GovernanceLock" rows, by protocol slug (empty list when none)."""
+def governance_locks(conn: psycopg.Connection, wallets: Wallets) -> dict[str, list[dict]]:
+    """`governanceLock.findMany({ where: { walletId } })` for every existing wallet among
+    `wallets` (an empty array when it has none; unknown ids are absent), by protocol id."""
     if not isinstance(wallets, WalletRange) and not wallets:
         return {}
     wallet_filter, params = _wallet_filter(sql.Identifier("w", "id"), wallets)
-    out: dict[str, dict] = {}
-    for wid, protocol_id, slug, pname, amount, power, boost, ends, refreshed in conn.execute(
-        sql.SQL(GOVERNANCE_LOCKS).format(wallet_filter=wallet_filter), params
-    ):
-        locks = out.setdefault(wid, c.governance_data(wid, []))["locks"]
-        if protocol_id is not None:
-            locks.append(c.lock_data(protocol_id, slug, pname, amount, power, boost, ends, refreshed))
+    out: dict[str, list[dict]] = {}
+    with conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(sql.SQL(GOVERNANCE_LOCKS).format(wallet_filter=wallet_filter), params):
+            locks = out.setdefault(row["w_id"], [])
+            if row["id"] is not None:
+                locks.append(c.lock_value(row))
     return out
 
 
@@ -177,11 +172,6 @@ def wallet_ids_after(conn: psycopg.Connection, after: str | None, limit: int) ->
     else:
         rows = conn.execute('SELECT id FROM "Wallet" WHERE id > %s ORDER BY id LIMIT %s', (after, limit))
     return [r[0] for r in rows]
-
-
-def existing_wallets(conn: psycopg.Connection, wallet_ids: Sequence[str]) -> set[str]:
-    rows = conn.execute('SELECT id FROM "Wallet" WHERE id = ANY(%s)', (list(wallet_ids),))
-    return {r[0] for r in rows}
 
 
 # -- paging (the seed's getPagedPortfolioData, plus keyset) --------------------------------------

@@ -4,7 +4,7 @@ Reads go through the database's workload routing (prices as `user_dashboard`, wa
 `portfolio_queries`: the read replica, or the primary when the replica lags or is down),
 in keyset chunks of `cache.pipeline_batch` wallets, each chunk one statement per family.
 Writes go out in pipelined batches of the same size through `CacheStore.put_many`, which
-skips values whose data did not change when comparing is cheaper than resending
+skips values whose bytes did not change when comparing is cheaper than resending
 (decided per batch from the value size and the unchanged ratio seen so far).
 """
 
@@ -101,8 +101,8 @@ class _Writer:
         self.on_batch = on_batch
         self.pending: list[c.Encoded] = []
 
-    def add(self, entity_id: str, data: dict, computed_at: str) -> None:
-        self.pending.append(c.encode(self.fam.key(entity_id), data, computed_at))
+    def add(self, entity_id: str, value: object, computed_ms: int) -> None:
+        self.pending.append(c.encode(self.fam, entity_id, value, computed_ms))
         self.report.keys += 1
         if len(self.pending) >= self.batch:
             self.flush()
@@ -134,8 +134,8 @@ def refresh_cache(
 ) -> RefreshReport:
     """Recompute every price, portfolio and governance value and write what changed.
 
-    `as_of` moves the "latest" window (tests, replays); values are always stamped with
-    the real time their read started. `on_batch(family, n)` is called after each
+    `as_of` moves the latest-price window (tests, replays); values are always stamped
+    with the real time their read started. `on_batch(family, n)` is called after each
     written batch. A Redis failure raises CacheUnavailable naming the server and how far
     the refresh got; a database failure propagates as psycopg's error.
     """
@@ -152,16 +152,15 @@ def refresh_cache(
     try:
         if "price" in writers:
             computed_at, report.read_from[PRICE_WORKLOAD] = read_time(database, PRICE_WORKLOAD)
-            at = c.iso_utc(computed_at)
+            at = c.epoch_ms(computed_at)
             with database.connection(PRICE_WORKLOAD) as conn:
                 prices = q.latest_prices(conn, since)
-            for token_id, data in prices.items():
-                writers["price"].add(token_id, data, at)
+            for token_id, price in prices.items():
+                writers["price"].add(token_id, price, at)
             writers["price"].flush()
         wallet_families = [f for f in c.WALLET_FAMILIES if f in writers]
         if wallet_families:
-            _refresh_wallets(database, writers, wallet_families, since, cfg.top_holdings, cfg.pipeline_batch,
-                             report.read_from)
+            _refresh_wallets(database, writers, wallet_families, cfg.pipeline_batch, report.read_from)
     except redis.RedisError as exc:
         done = ", ".join(f"{n}: {f.writes.written + f.writes.unchanged}" for n, f in report.families.items())
         raise CacheUnavailable(
@@ -175,18 +174,18 @@ def refresh_cache(
 
 
 def _refresh_wallets(database: Database, writers: dict[str, _Writer], wallet_families: Sequence[str],
-                     since: datetime, top: int, chunk: int, read_from: dict[str, str]) -> None:
-    for at, values in _prefetched(_wallet_chunks(database, wallet_families, since, top, chunk, read_from)):
+                     chunk: int, read_from: dict[str, str]) -> None:
+    for at, values in _prefetched(_wallet_chunks(database, wallet_families, chunk, read_from)):
         for name, by_wallet in values.items():
-            for wallet_id, data in by_wallet.items():
-                writers[name].add(wallet_id, data, at)
+            for wallet_id, value in by_wallet.items():
+                writers[name].add(wallet_id, value, at)
     for name in wallet_families:
         writers[name].flush()
 
 
-def _wallet_chunks(database: Database, wallet_families: Sequence[str], since: datetime, top: int, chunk: int,
-                   read_from: dict[str, str]) -> Iterator[tuple[str, dict[str, dict[str, dict]]]]:
-    """(computedAt, values by family) per keyset chunk of wallets, each chunk its own routed read."""
+def _wallet_chunks(database: Database, wallet_families: Sequence[str], chunk: int,
+                   read_from: dict[str, str]) -> Iterator[tuple[int, dict[str, dict[str, list]]]]:
+    """(computedAt in epoch ms, values by family) per keyset chunk of wallets, each chunk its own routed read."""
     after = None
     while True:
         computed_at, read_from[WALLET_WORKLOAD] = read_time(database, WALLET_WORKLOAD)
@@ -197,10 +196,10 @@ def _wallet_chunks(database: Database, wallet_families: Sequence[str], since: da
             wallets = q.WalletRange(ids[0], ids[-1])  # the whole id range: a wallet added meanwhile is not skipped
             values = {}
             if "portfolio" in wallet_families:
-                values["portfolio"] = q.portfolio_summaries(conn, wallets, since, top)
+                values["portfolio"] = q.portfolio_summaries(conn, wallets)
             if "governance" in wallet_families:
                 values["governance"] = q.governance_locks(conn, wallets)
-        yield c.iso_utc(computed_at), values
+        yield c.epoch_ms(computed_at), values
         after = ids[-1]
 
 

@@ -1,18 +1,22 @@
 """Writing contract values to Redis: guarded, pipelined, and skipping what did not change.
 
-Every writer (the refresh asset, the API's read-through, invalidation) goes through
-`put_many`, so two rules hold whoever writes:
+Every writer this project runs (the refresh asset, the API-side read-through,
+invalidation) goes through `put_many`; the app's own `CacheManager` writes with
+`SETEX key TTL value`. Values carry nothing but the app's data (contract.py), so:
 
-* **Newest computation wins.** A value is written only if the key does not already hold
-  one computed later (its `computedAt`, read by a Lua script with GETRANGE on the fixed
-  prefix of the envelope). A slow refresh that read the database before a balance sync
-  can therefore never overwrite the fresher value that sync's invalidation just wrote.
+* **When a value was computed is its expiry minus its TTL.** This project stores each
+  value with `PXAT computedAt + TTL`; the app's `SETEX` stores `write time + TTL`. A
+  script reads any key's age from `TIME` and `PTTL` alone, whoever wrote it.
+* **Newest computation wins.** A value is written only if the key does not hold one
+  computed later (by that age). A slow refresh that read the database before a balance
+  sync can therefore never overwrite the fresher value that sync's invalidation wrote,
+  nor one the app stored after its own, later read.
 * **Unchanged values are not resent.** When comparing is cheaper than writing, a first
-  pipelined pass sends only each key's data fingerprint: a key still holding the same
-  data gets its `computedAt` moved forward in place (SETRANGE, fixed width) and its TTL
-  renewed; only the keys that differ (or vanished) are then written in full.
+  pipelined pass sends only each value's SHA-1: a key holding the same bytes
+  (`redis.sha1hex` of the stored value) just gets its expiry moved to the new
+  computedAt + TTL; only keys that differ (or vanished) are then written in full.
 
-The scripts touch one key each and keep no state beside the value itself.
+The scripts touch one key each and keep no state beside the value and its expiry.
 """
 
 from __future__ import annotations
@@ -24,29 +28,35 @@ import redis
 
 from wedefi_pipelines.cache.contract import FAMILIES, Encoded
 
-# Bytes a compare-first call costs on the wire (script sha, key, fingerprint, time, ttl):
-# comparing pays off when the bytes of unchanged values it avoids resending exceed this.
+# Bytes a compare-first call costs on the wire (script sha, key, SHA-1, times): comparing
+# pays off when the bytes of unchanged values it avoids resending exceed this.
 TOUCH_COST_BYTES = 128
-_HEAD = 127  # the envelope's fixed prefix fits well within this many bytes
 
-# Write unless the key holds a value computed later. Returns 1 written, 0 kept the newer one.
-_PUT = f"""
-local head = redis.call('GETRANGE', KEYS[1], 0, {_HEAD})
-local at = string.match(head, '"computedAt":"([^"]+)"')
-if at and at > ARGV[2] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+# ARGV: 1 value (or its SHA-1 for _TOUCH), 2 computedAt ms, 3 TTL ms, 4 computedAt + TTL ms.
+# The key's own computedAt is now + PTTL - TTL; a key without expiry (PTTL -1) is older
+# than anything, a missing one (-2) is no obstacle.
+_NEWER = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if tonumber(ARGV[4]) <= now_ms then return 3 end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl > 0 and now_ms + pttl - tonumber(ARGV[3]) > tonumber(ARGV[2]) then return 0 end
+"""
+
+# Write unless the key holds a value computed later. 1 written, 0 kept the newer one,
+# 3 the value is older than its TTL already (not stored).
+_PUT = _NEWER + """
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[4])
 return 1
 """
 
-# Same data already there: move computedAt forward and renew the TTL. Returns 1 touched,
-# 0 a later value is there, -1 the data differs or the key is gone (write it in full).
-_TOUCH = f"""
-local head = redis.call('GETRANGE', KEYS[1], 0, {_HEAD})
-local at, fp = string.match(head, '"computedAt":"([^"]+)","fingerprint":"([^"]+)"')
-if not at or fp ~= ARGV[1] then return -1 end
-if at > ARGV[2] then return 0 end
-redis.call('SETRANGE', KEYS[1], string.find(head, at, 1, true) - 1, ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+# Same bytes already there: move the expiry to computedAt + TTL. 1 touched, 0 a later
+# value is there, 3 too old, -1 the bytes differ or the key is gone (write it in full).
+_TOUCH = """
+local current = redis.call('GET', KEYS[1])
+if not current or redis.sha1hex(current) ~= ARGV[1] then return -1 end
+""" + _NEWER + """
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -65,9 +75,10 @@ def worth_comparing(mean_value_bytes: float, unchanged_ratio: float) -> bool:
 @dataclass
 class WriteCounts:
     written: int = 0      # value sent and stored
-    unchanged: int = 0    # same data already cached: TTL renewed, value not resent
+    unchanged: int = 0    # same bytes already cached: expiry renewed, value not resent
     kept_newer: int = 0   # a value computed later was already there: left alone
     compared: int = 0     # keys that went through the compare-first pass
+    expired: int = 0      # computed longer ago than its TTL by the time it reached Redis: not stored
 
     def add(self, other: "WriteCounts") -> None:
         for name in self.__dataclass_fields__:
@@ -94,34 +105,49 @@ class CacheStore:
         self._touch = self.client.register_script(_TOUCH)
 
     def put_many(self, entries: Sequence[Encoded], ttl: int, compare: bool = False) -> WriteCounts:
-        """Write one pipelined batch; see the module docstring for the two rules."""
+        """Write one pipelined batch with TTL `ttl` seconds; see the module docstring for the rules."""
         counts = WriteCounts()
         if not entries:
             return counts
+        ttl_ms = ttl * 1000
+
+        def args(e: Encoded, first: bytes | str) -> list:
+            return [first, e.computed_ms, ttl_ms, e.computed_ms + ttl_ms]
+
         pending = list(entries)
         if compare:
             counts.compared = len(pending)
             pipe = self.client.pipeline(transaction=False)
             for e in pending:
-                self._touch(keys=[e.key], args=[e.fingerprint, e.computed_at, ttl], client=pipe)
+                self._touch(keys=[e.key], args=args(e, e.sha1), client=pipe)
             outcomes = pipe.execute()
             pending = [e for e, r in zip(pending, outcomes) if r == -1]
-            counts.unchanged = sum(1 for r in outcomes if r == 1)
-            counts.kept_newer = sum(1 for r in outcomes if r == 0)
+            counts.unchanged = outcomes.count(1)
+            counts.kept_newer = outcomes.count(0)
+            counts.expired = outcomes.count(3)
         if pending:
             pipe = self.client.pipeline(transaction=False)
             for e in pending:
-                self._put(keys=[e.key], args=[e.value, e.computed_at, ttl], client=pipe)
+                self._put(keys=[e.key], args=args(e, e.value), client=pipe)
             outcomes = pipe.execute()
-            counts.written += sum(1 for r in outcomes if r == 1)
-            counts.kept_newer += sum(1 for r in outcomes if r == 0)
+            counts.written += outcomes.count(1)
+            counts.kept_newer += outcomes.count(0)
+            counts.expired += outcomes.count(3)
         return counts
 
-    def get(self, key: str) -> bytes | None:
-        return self.client.get(key)
+    def get(self, key: str) -> tuple[bytes | None, int]:
+        """The key's value and its PTTL in milliseconds (-2: no key, -1: no expiry), in one round trip."""
+        return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return self.client.mget(keys) if keys else []
+    def get_many(self, keys: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)  # one round trip; a write in between only skews computedAt
+        pipe.mget(keys)
+        for key in keys:
+            pipe.pttl(key)
+        values, *pttls = pipe.execute()
+        return list(zip(values, pttls))
 
     def delete(self, keys: Sequence[str]) -> int:
         return self.client.delete(*keys) if keys else 0

@@ -29,11 +29,11 @@ def redis_cache(context: dg.AssetExecutionContext, database: DatabaseResource, c
     """The Redis values WeDefiDaily's API reads instead of querying PostgreSQL: every token's
     latest price (`price:latest:{tokenId}`, 60 s), every wallet's portfolio summary
     (`portfolio:{walletId}`, 300 s) and governance locks (`governance:{walletId}`, 1800 s),
-    in the versioned contract of docs/cache.md.
+    in the app's own format (contract v2 of docs/cache.md: what its CacheManager reads).
 
     Read through the database's routing (read replica, or the primary when it lags or is
-    down), written in pipelined batches; values whose data did not change are not resent,
-    only their TTL renewed. Runs as its own step, so a Redis outage fails this asset only,
+    down), written in pipelined batches; values whose bytes did not change are not resent,
+    only their expiry renewed. Runs as its own step, so a Redis outage fails this asset only,
     never ingestion; the next run rewrites whatever is missing.
     """
     try:
