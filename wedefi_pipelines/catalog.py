@@ -57,6 +57,7 @@ class MonthState:
     archive_status: str | None = None  # 'archived', 'restored' or None
     archived_rows: int = 0
     archived_hash: int = 0  # the content hash the archive recorded over those rows
+    archived_at: datetime | None = None
     objects: tuple[ArchiveObject, ...] = ()
     default_rows: int | None = 0
     default_newest: datetime | None = None
@@ -184,12 +185,12 @@ def _relations(conn: psycopg.Connection, table: p.RangeTable, months: Sequence[d
 
 
 def _archive(conn: psycopg.Connection, table: p.RangeTable, months: Sequence[date] | None
-             ) -> tuple[dict[date, tuple[str, int, int]], dict[date, list[ArchiveObject]]]:
+             ) -> tuple[dict[date, tuple[str, int, int, datetime]], dict[date, list[ArchiveObject]]]:
     where, params = sql.SQL(""), ()
     if months is not None:
         where, params = sql.SQL(" WHERE month_year = ANY(%s)"), ([p.month_year(m) for m in months],)
-    meta = {p.parse_month(m): (status, int(rows or 0), int(content or 0)) for m, status, rows, content in conn.execute(
-        sql.SQL("SELECT month_year, status, record_count, content_hash FROM {}").format(
+    meta = {p.parse_month(m): (status, int(rows or 0), int(content or 0), at) for m, status, rows, content, at in conn.execute(
+        sql.SQL("SELECT month_year, status, record_count, content_hash, archived_at FROM {}").format(
             sql.Identifier(p.archive_metadata_name(table))) + where, params)}
     objects: dict[date, list[ArchiveObject]] = {}
     for m, *fields in conn.execute(sql.SQL(
@@ -294,10 +295,10 @@ def read_table(conn: psycopg.Connection, table: p.RangeTable | str, *, months: I
     for month in sorted(set(relations) | set(meta) | set(defaults) | set(wanted or ())):
         if month is None:
             continue
-        status, archived_rows, archived_hash = meta.get(month, (None, 0, 0))
+        status, archived_rows, archived_hash, archived_at = meta.get(month, (None, 0, 0, None))
         waiting, default_newest = defaults.get(month, (0, None))
         state = MonthState(table.name, month, **relations.get(month, {}), archive_status=status,
-                           archived_rows=archived_rows, archived_hash=archived_hash, objects=tuple(objects.get(month, ())),
+                           archived_rows=archived_rows, archived_hash=archived_hash, archived_at=archived_at, objects=tuple(objects.get(month, ())),
                            default_rows=waiting, default_newest=default_newest)
         if state.attached and newest is not None and newest(table, month):
             state = replace(state, newest=newest_row(conn, table, p.child_name(table, month)), newest_read=True)

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from wedefi_pipelines import devstack
+from wedefi_pipelines.foreground import wait_until_interrupted
 from wedefi_pipelines.health.cli import add_health_parsers
 from wedefi_pipelines.tiering.history_cli import add_history_parser
 
@@ -39,7 +40,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
             migrate(stack.primary.url())
             print("# schema applied", flush=True)
-        devstack.wait_until_interrupted()
+        wait_until_interrupted()
     return 0
 
 

@@ -43,16 +43,6 @@ READ_REPLICA = "wedefi_read"
 ANALYTICS_REPLICA = "wedefi_analytics"
 
 
-def wait_until_interrupted() -> None:
-    """Block the main thread until SIGINT or SIGTERM: a stack kept up (`stack`, `demo --keep`)
-    stays in the foreground, because its S3 server lives in this process."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1):
-        pass
-
-
 def stack_root() -> Path:
     """Where data directories go: $WEDEFI_STACK_DIR, else tmpfs /dev/shm when it has room, else /tmp.
 

@@ -354,6 +354,10 @@ class IngestionSettings(_Strict):
     correlation_top_k: int = Field(50, ge=2, le=1000)
     correlation_timeframes: tuple[Literal["7d", "30d", "90d", "1y"], ...] = ("7d", "30d")
     correlation_interval_minutes: int = Field(60, ge=1, le=1440)  # returns are sampled on this grid
+    # The app's positions written without "capturedAt": how often complete_positions_sensor
+    # looks for them, and how many complete_positions moves per transaction.
+    complete_positions_interval_s: int = Field(60, ge=5, le=86_400)
+    complete_positions_batch: int = Field(5000, ge=1, le=1_000_000)
 
     @field_validator("portfolio_tick_minutes", "correlation_interval_minutes")
     @classmethod

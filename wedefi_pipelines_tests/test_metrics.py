@@ -17,7 +17,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from wedefi_pipelines.cache.contract import encode
+from wedefi_pipelines.cache.contract import encode, family
 from wedefi_pipelines.health.metrics import PlatformCollector, prometheus_rules, rules_yaml
 from wedefi_pipelines.settings import Settings, parse_settings
 from wedefi_pipelines_tests.dagster_procs import dagster_setup, free_port, wait_for
@@ -97,8 +97,10 @@ def test_the_metrics_command_serves_probes_platform_figures_and_run_outcomes(sta
         _late_price_row(conn)
     cache = redis.Redis.from_url(db.env["REDIS_URL"])
     computed = datetime.now(timezone.utc) - timedelta(seconds=90)
-    key = f"price:latest:tok-{uuid.uuid4().hex[:6]}"
-    cache.set(key, encode(key, {"priceUsd": "1.5"}, computed).value, ex=600)
+    fam = family("portfolio")  # a value computed 90 s ago, stored as every writer stores it (PXAT computedAt + TTL)
+    key = fam.key(f"w-{uuid.uuid4().hex[:6]}")
+    encoded = encode(fam, key.removeprefix(fam.prefix), [], computed)
+    cache.set(key, encoded.value, pxat=int((computed.timestamp() + fam.ttl(Settings().cache)) * 1000))
     idle = psycopg.connect(db.url, application_name="wedefi-api")
     idle.execute("SELECT 1")  # idle in transaction from here on
     process = None
@@ -148,8 +150,8 @@ def test_the_metrics_command_serves_probes_platform_figures_and_run_outcomes(sta
     assert value(found, "wedefi_partition_default_rows", table="PriceSnapshot") == 1
     assert value(found, "wedefi_partition_months_ahead", table="PriceSnapshot") == 0  # the template has no month
     assert value(found, "wedefi_archive_months", table="PriceSnapshot", status="archived") == 0
-    assert value(found, "wedefi_cache_keys", family="price") >= 1
-    assert value(found, "wedefi_cache_oldest_key_age_seconds", family="price") >= 90
+    assert value(found, "wedefi_cache_keys", family="portfolio") >= 1
+    assert value(found, "wedefi_cache_oldest_key_age_seconds", family="portfolio") >= 90
     assert value(found, "wedefi_dagster_runs", job="health_reports_job", status="FAILURE") == 1
     assert value(found, "wedefi_dagster_runs", job="health_reports_job", status="SUCCESS") == 1
     assert value(found, "wedefi_dagster_runs", job="deadlocks_check_job", status="SUCCESS") == 1

@@ -36,6 +36,7 @@ from wedefi_pipelines.defs.tiering.schedules import tiering_requests
 from wedefi_pipelines.health.monitor import health_lines
 from wedefi_pipelines.ingest.report import format_rows
 from wedefi_pipelines.demo import ingestion as walkthrough
+from wedefi_pipelines.foreground import wait_until_interrupted
 from wedefi_pipelines.instance import instance_environment
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
@@ -244,7 +245,7 @@ def _keep(stack: devstack.LocalStack) -> None:
     print("# the stack stays up (the cache refreshed every 60 s) until Ctrl-C; in another shell:")
     print(stack.export_lines(), flush=True)
     try:
-        devstack.wait_until_interrupted()
+        wait_until_interrupted()
     finally:
         stop.set()
         refresher.join(10)

@@ -125,7 +125,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 2
     print(f"serving http://{args.host}:{server.server_port}/metrics (each scrape runs the probes); Ctrl-C stops",
           flush=True)
-    from wedefi_pipelines.cli import wait_until_interrupted
+    from wedefi_pipelines.foreground import wait_until_interrupted
 
     try:
         wait_until_interrupted()

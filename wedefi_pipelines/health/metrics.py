@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from wedefi_pipelines.health import maintenance_probes, platform, probes
 from wedefi_pipelines.health.monitor import HealthMonitor, one_line
 from wedefi_pipelines.health.rules import autovacuum_threshold, pipeline_limit
-from wedefi_pipelines.settings import RANGE_TABLES, Settings
+from wedefi_pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 PREFIX = "wedefi"
@@ -182,15 +182,20 @@ class PlatformCollector(Collector):
     def _platform(self, out: _Families, conn: psycopg.Connection) -> None:
         timeout = self.monitor.timeout_ms
         with self._probe(out, "partitions", "primary"):
-            for f in platform.partition_figures(conn, RANGE_TABLES, timeout_ms=timeout):
+            for f in platform.partition_figures(conn, self.settings, timeout_ms=timeout):
                 t = {"table": f.table}
                 out.gauge("partition_months", "monthly children attached", t, f.months)
                 out.gauge("partition_current_month_present", "1 when this month's child exists", t, f.current_month)
                 out.gauge("partition_months_ahead", "consecutive months after this one already provisioned", t,
                           f.months_ahead)
                 out.gauge("partition_default_rows", "rows waiting in the default partition", t, f.default_rows)
+                out.gauge("partition_rows_waiting_completion", "rows in the default partition without their "
+                          "partition key yet (complete_positions places them)", t, f.waiting_completion)
+                for tier, months in (("warm", f.overdue_warm), ("cold", f.overdue_cold)):
+                    out.gauge("tier_overdue_months", "months past their tier still in PostgreSQL (the daily "
+                              "schedule should have moved them)", {**t, "tier": tier}, len(months))
         with self._probe(out, "archive", "primary"):
-            for f in platform.archive_figures(conn, RANGE_TABLES, timeout_ms=timeout):
+            for f in platform.archive_figures(conn, timeout_ms=timeout):
                 t = {"table": f.table}
                 for status in ("archived", "restored"):
                     out.gauge("archive_months", "months in the archive metadata, by status", {**t, "status": status},
@@ -206,7 +211,7 @@ class PlatformCollector(Collector):
         if self.redis is None:
             return
         try:
-            figures = platform.cache_figures(self.redis)
+            figures = platform.cache_figures(self.redis, self.settings)
         except Exception as exc:  # redis-py's errors and a refused connection alike: Redis is optional
             log.warning("metrics: Redis unreadable: %s", one_line(exc))
             out.gauge("up", "1 when the source answered this scrape", {"source": "redis"}, 0)
@@ -215,8 +220,9 @@ class PlatformCollector(Collector):
         for f in figures:
             fam = {"family": f.family}
             out.gauge("cache_keys", "keys of the cache family", fam, f.keys)
-            out.gauge("cache_oldest_key_age_seconds", "since the oldest key's computedAt", fam, f.oldest_age_s)
-            out.gauge("cache_unreadable_keys", "keys whose computedAt could not be read", fam, f.unreadable)
+            out.gauge("cache_oldest_key_age_seconds", "since the oldest value was computed (TTL - PTTL)", fam,
+                      f.oldest_age_s)
+            out.gauge("cache_unreadable_keys", "keys without an expiry (their age is unknown)", fam, f.unreadable)
 
     # -- Dagster -------------------------------------------------------------------------------
     def _dagster(self, out: _Families) -> None:

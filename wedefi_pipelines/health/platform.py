@@ -1,29 +1,22 @@
-"""The platform figures that are cheap to read today, for the metrics endpoint: months
-provisioned ahead and rows waiting in each default partition (from the partition catalog),
-archived months (from the archive metadata tables) and cache key ages (from Redis).
-
-Plain catalog reads of their own, so a scrape never takes a lock the partition or tier
-code takes; the month catalog may replace them later.
+"""What only this project knows about its own health: months provisioned ahead, rows waiting
+in default partitions, months past their tier still in PostgreSQL, archived months, and
+the age of the cache's values. Read from the month catalog (one decision: `tiering.policy`)
+and from Redis; served by the metrics endpoint and judged by the platform check.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Iterable
 
 import psycopg
-from psycopg import sql
 
+from wedefi_pipelines import catalog
+from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.health.probes import DEFAULT_TIMEOUT_MS, bounded
-
-_LOWER_BOUND = re.compile(r"FOR VALUES FROM \('(\d{4})-(\d{2})-01")
-
-
-def _next_month(month: date, n: int = 1) -> date:
-    index = month.year * 12 + month.month - 1 + n
-    return date(index // 12, index % 12 + 1, 1)
+from wedefi_pipelines.settings import Settings
+from wedefi_pipelines.tiering.policy import Action, decide, decide_group, needs_newest
 
 
 @dataclass(frozen=True)
@@ -33,43 +26,45 @@ class PartitionFigures:
     current_month: bool  # this month's child exists
     months_ahead: int  # consecutive months after this one that already have their child
     default_partition: str | None
-    default_rows: int | None
+    default_rows: int | None  # rows of some month waiting in the default partition
+    waiting_completion: int = 0  # rows there with no partition key yet (complete_positions places them)
+    overdue_warm: tuple[str, ...] = ()  # months past their tier still in PostgreSQL ('YYYY-MM')
+    overdue_cold: tuple[str, ...] = ()
 
 
 def months_ahead(months: Iterable[date], today: date) -> int:
     have = set(months)
-    current, ahead = date(today.year, today.month, 1), 0
-    while _next_month(current, ahead + 1) in have:
+    current, ahead = p.month_of(today), 0
+    while p.add_months(current, ahead + 1) in have:
         ahead += 1
     return ahead
 
 
-def partition_figures(conn: psycopg.Connection, tables: Iterable[str], today: date | None = None,
+def partition_figures(conn: psycopg.Connection, settings: Settings, now: datetime | None = None,
                       timeout_ms: int = DEFAULT_TIMEOUT_MS) -> list[PartitionFigures]:
-    """Per range-partitioned table: its monthly children (by their bounds, whatever their
-    names) and the rows sitting in its default partition (which should be none)."""
-    today = today or datetime.now(timezone.utc).date()
+    """Per range table, from the month catalog: children, the horizon ahead, rows waiting in
+    the default partition, and the months whose warm conversion or archive is due and
+    scheduled but has not happened (`tiering.policy.decide`, as the daily schedule asks)."""
+    now = now or datetime.now(timezone.utc)
     figures = []
     with bounded(conn, timeout_ms):
-        for table in tables:
-            rows = conn.execute(
-                """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
-                     FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                    WHERE i.inhparent = to_regclass(%s)""",
-                (sql.Identifier(table).as_string(conn),),
-            ).fetchall()
-            months, default = [], None
-            for name, bound in rows:
-                if bound == "DEFAULT":
-                    default = name
-                elif (match := _LOWER_BOUND.search(bound or "")) is not None:
-                    months.append(date(int(match.group(1)), int(match.group(2)), 1))
-            default_rows = None
-            if default is not None:
-                default_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(default))).fetchone()[0]
-            current = date(today.year, today.month, 1)
-            figures.append(PartitionFigures(table, len(months), current in months, months_ahead(months, today),
-                                            default, default_rows))
+        tables = catalog.read_catalog(conn, newest=needs_newest(now, settings))
+    groups: dict[tuple[str, date], list[catalog.MonthState]] = {}
+    for table in tables.values():
+        for month, state in table.months.items():
+            groups.setdefault((table.table.group, month), []).append(state)
+    cold_groups = {key for key, states in groups.items()
+                   if (d := decide_group(states, now, settings)).action is Action.ARCHIVE and d.scheduled}
+    for name, table in tables.items():
+        warm = [p.month_year(m) for m, s in table.months.items()
+                if (d := decide(s, now, settings)).action is Action.WARM and d.scheduled]
+        cold = [p.month_year(m) for m in table.months if (table.table.group, m) in cold_groups]
+        attached = table.attached
+        waiting = sum(n or 0 for n in table.default_rows.values())
+        figures.append(PartitionFigures(
+            name, len(attached), p.month_of(now) in attached, months_ahead(attached, now.date()),
+            p.default_name(table.table) if table.has_default else None, waiting if table.has_default else None,
+            table.null_key_rows or 0, tuple(warm), tuple(cold)))
     return figures
 
 
@@ -82,25 +77,22 @@ class ArchiveFigures:
     last_archived_at: datetime | None = None
 
 
-def archive_figures(conn: psycopg.Connection, tables: Iterable[str],
-                    timeout_ms: int = DEFAULT_TIMEOUT_MS) -> list[ArchiveFigures]:
-    """Archived months per table and status, their rows and bytes, from "<Table>_archive_metadata"
-    (a table without its metadata table is left out). The metadata records verified months
-    only: a failed verification writes nothing there (it fails the cold_archive run)."""
+def archive_figures(conn: psycopg.Connection, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> list[ArchiveFigures]:
+    """Archived and restored months per table, their rows and their objects' bytes. The
+    metadata records verified months only: a failed verification writes nothing there (it
+    fails the cold_archive run, which the run-outcome metrics count)."""
     figures = []
     with bounded(conn, timeout_ms):
-        for table in tables:
-            meta = f"{table}_archive_metadata"
-            if conn.execute("SELECT to_regclass(%s)", (sql.Identifier(meta).as_string(conn),)).fetchone()[0] is None:
-                continue
-            rows = conn.execute(sql.SQL(
-                """SELECT status, count(*), coalesce(sum(record_count), 0)::bigint,
-                          coalesce(sum(compressed_size), 0)::bigint, max(archived_at)
-                     FROM {} GROUP BY status""").format(sql.Identifier(meta))).fetchall()
-            last = max((r[4] for r in rows if r[4] is not None), default=None)
-            figures.append(ArchiveFigures(
-                table, {status: n for status, n, *_ in rows}, sum(r[2] for r in rows), sum(r[3] for r in rows),
-                last.replace(tzinfo=timezone.utc) if last else None))
+        tables = catalog.read_catalog(conn, default_rows="skip")
+    for name, table in tables.items():
+        states = [s for s in table.months.values() if s.archive_status]
+        months: dict[str, int] = {}
+        for s in states:
+            months[s.archive_status] = months.get(s.archive_status, 0) + 1
+        last = max((s.archived_at for s in states if s.archived_at), default=None)
+        figures.append(ArchiveFigures(
+            name, months, sum(s.archived_rows for s in states), sum(o.size_bytes for s in states for o in s.objects),
+            last.replace(tzinfo=timezone.utc) if last else None))
     return figures
 
 
@@ -108,40 +100,33 @@ def archive_figures(conn: psycopg.Connection, tables: Iterable[str],
 class CacheFigures:
     family: str
     keys: int
-    oldest_age_s: float | None  # since the oldest key's computedAt (its value was computed or confirmed)
-    unreadable: int  # keys whose computedAt could not be read (not this contract's envelope)
+    oldest_age_s: float | None  # since the oldest value was computed (or confirmed unchanged)
+    unreadable: int  # keys without an expiry: written outside the contract, their age unknown
 
 
-_COMPUTED_AT = re.compile(rb'"computedAt":"([^"]+)"')
-_HEAD = 127  # the envelope's fixed prefix (cache/store.py reads the same range)
+def cache_figures(client, settings: Settings, batch: int = 1000) -> list[CacheFigures]:
+    """Keys per cache family and the age of the oldest one. Every writer stores a value with
+    an expiry of computedAt + TTL (cache/contract.py), so its age is TTL - PTTL: read with
+    pipelined PTTLs, never the values."""
+    from wedefi_pipelines.cache.contract import FAMILIES
 
-
-def cache_figures(client, now: datetime | None = None, batch: int = 1000) -> list[CacheFigures]:
-    """Keys per cache family and the age of the oldest one, from the `computedAt` at the head
-    of each value (GETRANGE of its first bytes, pipelined: never the whole value)."""
-    from wedefi_pipelines.cache.contract import FAMILIES, parse_iso_utc
-
-    now = now or datetime.now(timezone.utc)
     figures = []
     for name, family in FAMILIES.items():
-        count, unreadable, oldest = 0, 0, None
+        ttl_ms = family.ttl(settings.cache) * 1000
+        count, unreadable, oldest_ms = 0, 0, None
         pending: list[bytes] = []
 
-        def flush():
-            nonlocal unreadable, oldest
+        def flush() -> None:
+            nonlocal unreadable, oldest_ms
             pipe = client.pipeline(transaction=False)
             for key in pending:
-                pipe.getrange(key, 0, _HEAD)
-            for head in pipe.execute():
-                match = _COMPUTED_AT.search(head or b"")
-                try:
-                    at = parse_iso_utc(match.group(1).decode()) if match else None
-                except ValueError:
-                    at = None
-                if at is None:
-                    unreadable += 1 if head else 0
+                pipe.pttl(key)
+            for remaining in pipe.execute():
+                if remaining is None or remaining < 0:  # -1: no expiry; -2: gone meanwhile
+                    unreadable += 1 if remaining == -1 else 0
                     continue
-                oldest = at if oldest is None or at < oldest else oldest
+                age = max(0, ttl_ms - remaining)
+                oldest_ms = age if oldest_ms is None or age > oldest_ms else oldest_ms
             pending.clear()
 
         for key in client.scan_iter(match=family.pattern, count=batch):
@@ -151,5 +136,5 @@ def cache_figures(client, now: datetime | None = None, batch: int = 1000) -> lis
                 flush()
         if pending:
             flush()
-        figures.append(CacheFigures(name, count, (now - oldest).total_seconds() if oldest else None, unreadable))
+        figures.append(CacheFigures(name, count, oldest_ms / 1000 if oldest_ms is not None else None, unreadable))
     return figures

@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import dagster as dg
 
+from wedefi_pipelines import positions
 from wedefi_pipelines.ingest.portfolio import orphan_positions
 from wedefi_pipelines.resources.database import DatabaseResource
 
@@ -32,4 +33,22 @@ def positions_have_portfolio_rows(context: dg.AssetCheckExecutionContext,
     )
 
 
-checks = [positions_have_portfolio_rows]
+@dg.asset_check(asset="position_snapshots", blocking=False,
+                description='No "PositionSnapshot" row waits without "capturedAt" for a PortfolioSnapshot row that does '
+                            "not exist (those complete_positions cannot place; they are kept in the default "
+                            "partition). Rows waiting for their next complete_positions run are reported.")
+def positions_completed(database: DatabaseResource) -> dg.AssetCheckResult:
+    with database.db.connect("primary") as conn:
+        waiting = positions.waiting(conn)
+    return dg.AssetCheckResult(
+        passed=waiting.orphaned == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"waiting_for_complete_positions": waiting.placeable,
+                  "waiting_without_portfolio_row": waiting.orphaned},
+        description=(f"{waiting.orphaned} position(s) without capturedAt point at no PortfolioSnapshot row: they stay "
+                     'in "PositionSnapshot_default" until that row exists or someone corrects them'
+                     if waiting.orphaned else f"{waiting.placeable} position(s) wait for complete_positions"),
+    )
+
+
+checks = [positions_have_portfolio_rows, positions_completed]
