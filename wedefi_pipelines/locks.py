@@ -216,6 +216,14 @@ def blockers(conn: psycopg.Connection, relations: Sequence[str] = (),
                      for pid, state, app, query, age in rows)
 
 
+def is_held(conn: psycopg.Connection, name: str, *args: object) -> bool:
+    """Whether some session (this one included) holds the named advisory lock now."""
+    classid, objid, objsubid = _lock_ids(advisory_key(name, *args))
+    return conn.execute("""SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                              AND classid = %s::oid AND objid = %s::oid AND objsubid = %s)""",
+                        (classid, objid, objsubid)).fetchone()[0]
+
+
 def holders(conn: psycopg.Connection, name: str, *args: object) -> str:
     """The session holding the named advisory lock, in words."""
     classid, objid, objsubid = _lock_ids(advisory_key(name, *args))

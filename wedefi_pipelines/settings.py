@@ -229,6 +229,10 @@ class MonitoringSettings(_Strict):
     # `wedefi-pipelines healthcheck`: a daemon heartbeat, or a RUNNING sensor's tick, is late
     # once older than its interval plus this.
     healthcheck_tolerance_s: int = Field(300, ge=0, le=86_400)
+    # platform_health: a month due for its tier this long (past its end + the tier's age) and
+    # still in PostgreSQL is overdue (the daily tiering schedule has had a day and a half).
+    platform_overdue_grace_h: float = Field(36.0, ge=0, le=24 * 365)
+    platform_interval_s: int = Field(300, ge=5, le=86_400)  # platform_health_sensor reads the whole month catalog
 
 
 # -- tiers, partitions, sources, cache -------------------------------------------------------

@@ -11,16 +11,20 @@ primary that cannot be reached raises, so the sensor's tick fails visibly.
 from __future__ import annotations
 
 import dataclasses
+from datetime import date
 from typing import Any, Mapping
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from wedefi_pipelines import catalog, locks
+from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.health import maintenance_probes, probes, rules
 from wedefi_pipelines.health.alerting import utcnow
 from wedefi_pipelines.health.rules import Evaluation, ExpectedReplica, incident_key
 from wedefi_pipelines.resources.database import Database, Server
 from wedefi_pipelines.settings import Settings
+from wedefi_pipelines.tiering.policy import needs_newest
 
 SERVER_LABELS: dict[Server, str] = {"primary": "primary", "read": "read_replica", "analytics": "analytics_replica"}
 
@@ -240,6 +244,32 @@ class HealthMonitor:
 
         return self._per_server("standby_conflict", previous, probe, self._replicas())
 
+    def platform(self, previous: Mapping[str, Any] | None = None) -> Evaluation:
+        """The platform's own health from the month catalog, on the primary: the horizon,
+        rows stuck in default partitions, months past their tier, archives left half-way."""
+
+        def probe(label, conn, _before):
+            now = utcnow()
+            with probes.bounded(conn, self.timeout_ms * 5):  # the whole catalog: a few statements per table
+                tables = catalog.read_catalog(conn, newest=needs_newest(now, self.settings))
+                archived = {name: catalog.archived_months(conn, t.table) for name, t in tables.items()}
+                running = {(t.table.group, m) for t in tables.values() for m, s in t.months.items()
+                           if s.frozen and locks.is_held(conn, "tiering.month", t.table.group, p.month_year(m))}
+            groups: dict[tuple[str, date], list[catalog.MonthState]] = {}
+            for t in tables.values():
+                for month, state in t.months.items():
+                    groups.setdefault((t.table.group, month), []).append(state)
+            findings = []
+            for name, t in tables.items():
+                by_month = {m: s for (g, m), s in groups.items() if g == t.table.group}
+                findings += [rules.horizon_finding(t, now.date(), self.settings),
+                             rules.default_rows_finding(t, archived[name]),
+                             rules.overdue_finding(t, by_month, now, self.settings),
+                             rules.unfinished_finding(t, running)]
+            return findings, None
+
+        return self._per_server("partition_horizon", previous, probe, self._primary())
+
     def evaluate_all(self) -> dict[str, Evaluation]:
         """Every probe once, each since its statistics' reset (the demo's snapshot)."""
         return {name: evaluate(self) for name, evaluate in EVALUATIONS.items()}
@@ -257,6 +287,7 @@ EVALUATIONS = {
     "vacuum_health": HealthMonitor.vacuum_health,
     "deadlocks": HealthMonitor.deadlocks,
     "standby_conflicts": HealthMonitor.standby_conflicts,
+    "platform": HealthMonitor.platform,
 }
 
 

@@ -119,6 +119,14 @@ standby_conflicts_check = _health_check(
     "StandbyConflicts (0).",
 )
 
+# issue 15, item 2: the platform's own health
+platform_health_check = _health_check(
+    "platform_health", HealthMonitor.platform,
+    "From the month catalog: every range table has the current month and partitions.horizon_months ahead; no "
+    "month's rows stay in a default partition; no month is past its tier (due for warm or cold, scheduled) for "
+    "longer than monitoring.platform_overdue_grace_h; no archive run is left half-way.",
+)
+
 HEALTH_CHECKS = [replication_lag_check, slow_queries_check, index_hit_ratio_check, connection_count_check,
                  wraparound_check, long_transactions_check, replication_slots_check, invalid_indexes_check,
-                 vacuum_health_check, deadlocks_check, standby_conflicts_check]
+                 vacuum_health_check, deadlocks_check, standby_conflicts_check, platform_health_check]

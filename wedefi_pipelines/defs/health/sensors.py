@@ -21,14 +21,14 @@ from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
 from .checks import (connection_count_check, deadlocks_check, index_hit_ratio_check, invalid_indexes_check,
-                     long_transactions_check, replication_lag_check, replication_slots_check, slow_queries_check,
-                     standby_conflicts_check, vacuum_health_check, wraparound_check)
+                     long_transactions_check, platform_health_check, replication_lag_check, replication_slots_check,
+                     slow_queries_check, standby_conflicts_check, vacuum_health_check, wraparound_check)
 from .incidents import (TAG_EPISODE, TAG_INCIDENT, TAG_RULE, TAG_SEVERITY, TAG_TYPE, TAG_WILL_RETRY,
                         incident_for_run)
 from .jobs import (connection_count_check_job, deadlocks_check_job, index_hit_ratio_check_job,
-                   invalid_indexes_check_job, long_transactions_check_job, replication_lag_check_job,
-                   replication_slots_check_job, slow_query_check_job, standby_conflicts_check_job,
-                   vacuum_health_check_job, wraparound_check_job)
+                   invalid_indexes_check_job, long_transactions_check_job, platform_health_check_job,
+                   replication_lag_check_job, replication_slots_check_job, slow_query_check_job,
+                   standby_conflicts_check_job, vacuum_health_check_job, wraparound_check_job)
 from .resources import AlertSinkResource
 
 _INTERVAL_S = current_settings().monitoring.sensor_interval_s
@@ -41,11 +41,11 @@ def check_run_config(check: dg.AssetChecksDefinition, subject: str, baseline) ->
 
 def _health_sensor(
     name: str, conditions: tuple[str, ...], evaluate: Callable[..., Evaluation],
-    check: dg.AssetChecksDefinition, job, description: str,
+    check: dg.AssetChecksDefinition, job, description: str, interval_s: int = _INTERVAL_S,
 ) -> dg.SensorDefinition:
     prefixes = [f"{rules.INCIDENT_PREFIX}.{c}." for c in conditions]
 
-    @dg.sensor(name=name, job=job, minimum_interval_seconds=_INTERVAL_S,
+    @dg.sensor(name=name, job=job, minimum_interval_seconds=interval_s,
                default_status=dg.DefaultSensorStatus.RUNNING, description=description)
     def _sensor(context: dg.SensorEvaluationContext, database: DatabaseResource, alert_sink: AlertSinkResource):
         state = rules.parse_cursor(context.cursor)
@@ -153,6 +153,15 @@ standby_conflicts_sensor = _health_sensor(
     "StandbyConflicts (0): requests standby_conflicts_check_job.",
 )
 
+platform_health_sensor = _health_sensor(
+    "platform_health_sensor", ("partition_horizon", "default_rows", "tier_overdue", "archive_unfinished"),
+    HealthMonitor.platform, platform_health_check, platform_health_check_job,
+    "The platform's own health from the month catalog (every monitoring.platform_interval_s): months provisioned "
+    "ahead, rows stuck in default partitions, months past their tier, archive runs left half-way: requests "
+    "platform_health_check_job.",
+    interval_s=current_settings().monitoring.platform_interval_s,
+)
+
 
 @dg.run_failure_sensor(
     name="alert_on_run_failure", monitor_all_code_locations=True, default_status=dg.DefaultSensorStatus.RUNNING,
@@ -174,4 +183,5 @@ def alert_on_run_failure(context: dg.RunFailureSensorContext, database: Database
 
 HEALTH_SENSORS = [replication_lag_sensor, slow_query_sensor, index_hit_ratio_sensor, connection_count_sensor,
                   wraparound_sensor, long_transactions_sensor, replication_slots_sensor, invalid_indexes_sensor,
-                  vacuum_health_sensor, deadlocks_sensor, standby_conflicts_sensor, alert_on_run_failure]
+                  vacuum_health_sensor, deadlocks_sensor, standby_conflicts_sensor, platform_health_sensor,
+                  alert_on_run_failure]

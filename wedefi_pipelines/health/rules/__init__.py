@@ -10,6 +10,7 @@ so a lasting breach requests one check run, not one per tick.
     findings.py     Finding, Evaluation, incident keys, conditions, figures in words
     seed.py         the seed's four alerts
     maintenance.py  the seven probes of issue 15
+    platform.py     the platform's own health, from the month catalog
     episodes.py     breach episodes and the sensor cursor
 """
 
@@ -29,4 +30,7 @@ from wedefi_pipelines.health.rules.maintenance import (  # noqa: F401
 )
 from wedefi_pipelines.health.rules.episodes import (  # noqa: F401
     CURSOR_VERSION, CursorState, Episode, EpisodeChanges, dump_cursor, episode_id, parse_cursor, track_episodes,
+)
+from wedefi_pipelines.health.rules.platform import (  # noqa: F401
+    default_rows_finding, due_since, horizon_finding, overdue_finding, unfinished_finding,
 )

@@ -26,6 +26,11 @@ CONDITIONS: dict[str, tuple[str, str, str]] = {
     "vacuum_backlog": ("VacuumBacklog", "vacuum_backlog", "warning"),
     "deadlocks": ("Deadlocks", "deadlocks", "warning"),
     "standby_conflict": ("StandbyConflicts", "standby_conflicts", "warning"),
+    # the platform's own health (issue 15, item 2): what only this project knows
+    "partition_horizon": ("PartitionHorizon", "partition_horizon", "critical"),
+    "default_rows": ("DefaultPartitionRows", "default_partition_rows", "warning"),
+    "tier_overdue": ("TierOverdue", "tier_overdue", "warning"),
+    "archive_unfinished": ("ArchiveUnfinished", "archive_unfinished", "warning"),
 }
 
 # What the person paged should do first (docs/health.md has the full runbook).
@@ -58,6 +63,14 @@ RUNBOOK: dict[str, str] = {
                  "the writers take their row locks in one order.",
     "standby_conflict": "investigate_replica_queries: replay cancelled queries on the replica; move long reads to "
                         "the analytics replica, raise max_standby_streaming_delay, or enable hot_standby_feedback.",
+    "partition_horizon": "materialize partition_horizon: writes past the newest month land in the default partition; "
+                         "look at its last runs and the partition_horizon schedules (are they RUNNING?).",
+    "default_rows": "materialize partition_horizon (partition_safety_sensor should have): it drains the month's rows "
+                    "into their child; if it fails, its error names the rows (a duplicate, a bad timestamp).",
+    "tier_overdue": "look at tiering_daily's runs: warm_tier / cold_archive for the months in the evidence failed or "
+                    "never ran; run them by hand (the UI's backfill) once the cause is fixed.",
+    "archive_unfinished": "re-run cold_archive for the month in the evidence: it resumes from its frozen tables "
+                          "(nothing is lost meanwhile: the frozen tables are the month's only copy until recorded).",
 }
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
