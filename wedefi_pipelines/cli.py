@@ -9,6 +9,7 @@ import sys
 import threading
 
 from wedefi_pipelines import devstack
+from wedefi_pipelines.adoption.cli import add_adopt_parser
 from wedefi_pipelines.tiering.history_cli import add_history_parser
 
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--database-url", help="override DATABASE_URL_PRIMARY")
     mig.set_defaults(func=cmd_migrate)
     add_history_parser(sub)
+    add_adopt_parser(sub)
     return parser
 
 
