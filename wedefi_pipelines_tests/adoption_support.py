@@ -404,7 +404,10 @@ def run_against_adopted_database(make_database: Callable[[], str], check: Callab
 def prisma_template(stack) -> str:
     """A Prisma-built database with four months of history, cloned by `prisma_db`."""
     name = "prisma_template"
-    create_prisma_database(stack.primary.url, stack.primary.url("postgres"), name)
+    with psycopg.connect(stack.primary.url("postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = %s)", (name,)).fetchone()[0]
+    if not exists:  # another test module of the session built it already
+        create_prisma_database(stack.primary.url, stack.primary.url("postgres"), name)
     return name
 
 

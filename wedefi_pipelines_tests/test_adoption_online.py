@@ -55,3 +55,37 @@ def test_killed_at_any_step_a_rerun_ends_as_an_uninterrupted_run(prisma_db, adop
         assert again.returncode == 0, again.stdout + again.stderr
     assert writer.errors == [] and reader.errors == []
     assert_adopted(prisma_db.url, before, writer)
+
+
+def test_a_long_app_transaction_makes_the_swap_retry_without_holding_the_app_up(prisma_db, monkeypatch):
+    """An app transaction that sits on "PriceSnapshot" for 8 s: the swap's lock request gives up
+    after lock_timeout each time (so readers queue behind it for at most that), and succeeds
+    once the transaction ends."""
+    import threading
+
+    import psycopg
+
+    monkeypatch.setenv("WEDEFI_ADOPT_FAULT", "after_verify:sleep=2")  # time to start the long transaction
+    result: dict = {}
+    adopter = threading.Thread(target=lambda: result.setdefault("report", adopt(prisma_db.url, say=lambda line: None)))
+    with app_running(prisma_db.url) as (writer, reader):
+        adopter.start()
+        with psycopg.connect(prisma_db.url, application_name="long-app-transaction") as blocker:
+            deadline = time.monotonic() + 60
+            with psycopg.connect(prisma_db.url, autocommit=True) as probe:
+                while time.monotonic() < deadline and not probe.execute(
+                        "SELECT to_regclass('wedefi_adopt.adopt_state') IS NOT NULL AND EXISTS (SELECT 1 FROM"
+                        " pg_stat_activity WHERE application_name = 'wedefi-pipelines:adopt' AND query LIKE 'ANALYZE%%')"
+                        ).fetchone()[0]:
+                    time.sleep(0.01)
+            blocker.execute('INSERT INTO "PriceSnapshot" (id, "tokenId", "priceUsd", source) '
+                            "VALUES ('held-1', 'tok-1', 1, 'held')")
+            time.sleep(8)
+            blocker.commit()
+        adopter.join(300)
+    report = result["report"]
+    assert report.swaps["PriceSnapshot"]["attempts"] > 1
+    assert writer.errors == [] and reader.errors == []
+    assert reader.stall.seconds < STALL_BOUND_S, reader.stall  # not the 8 s it would be behind a lock queue
+    with psycopg.connect(prisma_db.url) as conn:
+        assert conn.execute('SELECT count(*) FROM "PriceSnapshot" WHERE id = %s', ("held-1",)).fetchone()[0] == 1

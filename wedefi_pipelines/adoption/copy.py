@@ -230,6 +230,8 @@ def finish_foreign_keys(conn: psycopg.Connection, table: L.Converted, month: dat
     referenced = sorted({r for *_, r in fks})
 
     def add_not_valid() -> None:
+        if referenced:
+            lock_up_front(conn, [sql.SQL(r) for r in referenced], "SHARE ROW EXCLUSIVE", settings.adoption)
         for leaf in leaves:
             existing = {r[0] for r in conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass",
                                                    (stage(leaf).as_string(conn),))}
@@ -317,7 +319,10 @@ def provision(conn: psycopg.Connection, table: L.Converted, settings: Settings, 
     current = p.month_of(today)
     first = min(months[0], current) if months else current
     wanted = p.months_between(first, p.add_months(current, settings.partitions.horizon_months))
-    policy = provisioning.LockPolicy(lock_timeout_ms=settings.adoption.lock_timeout_ms,
+    # provisioning locks the referenced tables, the parent and its default in one statement,
+    # each wait bounded by lock_timeout: divided, the waits cannot add up past the bound
+    referenced = len({r for *_, r in _parent_fks(conn, table)})
+    policy = provisioning.LockPolicy(lock_timeout_ms=max(10, settings.adoption.lock_timeout_ms // max(1, referenced)),
                                      retries=settings.adoption.lock_attempts)
     try:
         provisioning.ensure_months(conn, table.range, wanted, policy=policy)

@@ -74,6 +74,9 @@ def repoint(conn: psycopg.Connection, settings: AdoptionSettings) -> None:
     referenced = sorted({d.split("REFERENCES ", 1)[1].split("(", 1)[0] for _, _, d in fks})
 
     def work() -> None:
+        if referenced:  # every lock at once: the waits cannot add up while the first ones are held
+            lock_up_front(conn, [sql.SQL(r.replace(f"{L.STAGE}.", f"{L.APP_SCHEMA}.")) for r in referenced],
+                          "SHARE ROW EXCLUSIVE", settings)
         for table, name, definition in fks:
             conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(stage(table), sql.Identifier(name))
                          + sql.SQL(_repointed(definition)))

@@ -146,8 +146,11 @@ def record_sql(conn: psycopg.Connection, url: str, settings: Settings) -> None:
     if state.done(conn, "migrated"):
         return
     a = settings.adoption
+    # a file's statements lock one relation after another in one transaction: a third of the
+    # bound each keeps the first lock's hold under it while later ones wait (sql/0002 takes
+    # SHARE on "TokenBalance", then on the default partitions)
     conninfo = make_conninfo(url, application_name=L.APPLICATION_NAME,
-                             options=f"-c lock_timeout={a.lock_timeout_ms}ms")
+                             options=f"-c lock_timeout={max(10, a.lock_timeout_ms // 3)}ms")
     for attempt in range(1, a.lock_attempts + 1):
         try:
             result = migrations.migrate(conninfo)
