@@ -226,7 +226,7 @@ def run_adopt(url: str, writer_ms: float) -> dict:
         rows = conn.execute('SELECT count(*) FROM "PriceSnapshot"').fetchone()[0]
         kind = conn.execute("SELECT relkind::text FROM pg_class WHERE oid = '\"PriceSnapshot\"'::regclass").fetchone()[0]
     return {"elapsed": elapsed, "writer": writer, "reader": reader, "disk": disk.extra, "rows": rows, "kind": kind,
-            "swap": report.swaps.get("PriceSnapshot", {})}
+            "swap": report.swaps.get("PriceSnapshot", {}), "swaps": report.swaps, "locks": report.locks}
 
 
 PARTMAN_PARENT = """
@@ -346,6 +346,11 @@ def main() -> int:
               f"{ours['writer'].longest * 1000:.0f} ms ({ours['writer'].operations} inserts, errors "
               f"{ours['writer'].errors or 'none'}), reader longest {ours['reader'].longest * 1000:.0f} ms; swap "
               f"{ours['swap']}; extra disk at the peak {gb(ours['disk'])}", flush=True)
+        for group, detail in ours["swaps"].items():
+            print(f"    swap {group}: lock wait {detail['lock_wait_ms']} ms, held {detail['held_ms']} ms, "
+                  f"{detail['replayed_under_lock']} change(s) replayed under it, attempt(s) {detail['attempts']}")
+        for what, attempts, ms in sorted(ours["locks"], key=lambda x: -x[2]):
+            print(f"    strong-lock step {ms:7.1f} ms ({attempts} attempt(s)): {what}")
 
         print("pg_partman offline (app stopped):", flush=True)
         offline = run_partman_offline(clone(stack, "bench_template", "bench_offline"))

@@ -72,9 +72,11 @@ def test_plan_reports_each_table_and_changes_nothing(prisma_db, adopt_env):
 
 
 def test_adopt_converts_the_four_tables_and_keeps_what_they_carry(prisma_db):
-    role = "app_ro_" + uuid.uuid4().hex[:8]
+    role, owner = "app_ro_" + uuid.uuid4().hex[:8], "app_owner_" + uuid.uuid4().hex[:8]
     with prisma_db.connect() as conn:
         conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL('ALTER TABLE "PriceSnapshot" OWNER TO {}').format(sql.Identifier(owner)))
         conn.execute(sql.SQL("""
             GRANT SELECT, INSERT ON "PriceSnapshot" TO {role};
             GRANT SELECT ("walletId", quantity) ON "TokenBalance" TO {role};
@@ -135,7 +137,7 @@ def test_adopt_converts_the_four_tables_and_keeps_what_they_carry(prisma_db):
             owners = {r[0] for r in conn.execute(
                 "SELECT DISTINCT relowner::regrole::text FROM pg_partition_tree('\"PriceSnapshot\"') t"
                 " JOIN pg_class c ON c.oid = t.relid")}
-            assert owners == {conn.execute("SELECT current_user").fetchone()[0]}
+            assert owners == {owner}  # every relation of the new tree, months included
         result = run_adopt(prisma_db.env)
         assert result.returncode == 0 and "already adopted" in result.stdout
         from wedefi_pipelines.migrations import migrate
@@ -143,7 +145,8 @@ def test_adopt_converts_the_four_tables_and_keeps_what_they_carry(prisma_db):
     finally:
         with prisma_db.connect() as conn:
             conn.execute("DROP PUBLICATION IF EXISTS app_pub")
-            conn.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(sql.Identifier(role), sql.Identifier(role)))
+            for name in (role, owner):
+                conn.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE {}").format(sql.Identifier(name), sql.Identifier(name)))
 
 
 def _structure(conn: psycopg.Connection, table: str, month: date) -> dict:
@@ -335,3 +338,22 @@ def test_the_hook_runs_a_check_against_an_adopted_database(stack):
     finally:
         with psycopg.connect(stack.primary.url("postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_a_cascade_from_the_apps_other_tables_during_adoption_reaches_the_new_tables(prisma_db, adopt_env):
+    """The app deletes a token mid-adoption: its foreign keys' cascade deletes the token's rows
+    from the old tables, the capture triggers log them, and the new tables end without them."""
+    killed = run_adopt(adopt_env, fault="after_copy:kill")
+    assert killed.returncode == -9
+    with prisma_db.connect() as conn:
+        gone = {t: conn.execute(sql.SQL('SELECT count(*) FROM {} WHERE "tokenId" = %s').format(sql.Identifier(t)),
+                                ("tok-3",)).fetchone()[0] for t in ("PriceSnapshot", "TokenBalance", "PositionSnapshot")}
+        assert all(gone.values())
+        conn.execute('DELETE FROM "Token" WHERE id = %s', ("tok-3",))
+    before = snapshot(prisma_db.url)
+    assert run_adopt(adopt_env).returncode == 0
+    assert_adopted(prisma_db.url, before)
+    with prisma_db.connect() as conn:
+        for table in gone:
+            assert conn.execute(sql.SQL('SELECT count(*) FROM {} WHERE "tokenId" = %s').format(sql.Identifier(table)),
+                                ("tok-3",)).fetchone()[0] == 0

@@ -36,8 +36,15 @@ class Table:
     name: str
     kind: str  # 'r' plain, 'p' partitioned
     columns: dict[str, Column] = field(default_factory=dict)
-    indexes: set[str] = field(default_factory=set)
-    index_keys: list[tuple[str, ...]] = field(default_factory=list)  # the column list of each index
+    index_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # index name -> its columns
+
+    @property
+    def indexes(self) -> set[str]:
+        return set(self.index_columns)
+
+    @property
+    def index_keys(self) -> list[tuple[str, ...]]:
+        return list(self.index_columns.values())
     foreign_keys: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)  # name -> (columns, referenced table)
     triggers: set[str] = field(default_factory=set)  # user triggers (not the internal ones of foreign keys)
 
@@ -114,8 +121,7 @@ def read_tables(conn: psycopg.Connection, schema: str) -> dict[str, Table]:
     for table, column, type_, not_null, has_default in conn.execute(_COLUMNS, (schema,)):
         tables[table].columns[column] = Column(column, type_, not_null, has_default)
     for table, index, columns in conn.execute(_INDEXES, (schema,)):
-        tables[table].indexes.add(index)
-        tables[table].index_keys.append(tuple(columns))
+        tables[table].index_columns[index] = tuple(columns)
     for table, name, referenced, columns in conn.execute(_FOREIGN_KEYS, (schema,)):
         tables[table].foreign_keys[name] = (tuple(columns), referenced)
     for table, trigger in conn.execute(_TRIGGERS, (schema,)):

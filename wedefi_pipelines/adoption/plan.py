@@ -174,13 +174,23 @@ def _table_plan(conn: psycopg.Connection, target: model.Model, table: L.Converte
     c = carry.read(conn, L.APP_SCHEMA, table.name, keys_model, model_table.indexes)
     plan.carried, plan.not_carried, plan.warnings = c.summary(), c.not_carried, plan.warnings + c.warnings
     kept = sorted(app_table.indexes & model_table.indexes)
-    replaced = sorted(app_table.indexes - model_table.indexes - {n for n in app_table.indexes if any(
-        n in x for x in c.not_carried)})
-    if kept:
-        plan.names.append("kept: " + ", ".join(f'"{n}"' for n in kept))
-    if replaced and table.range is not None:
-        per_month = ", ".join(f'"{table.name}_YYYY_MM_{i.suffix}"' for i in table.range.child_indexes)
-        plan.names.append(f"per month instead: {', '.join(chr(34) + n + chr(34) for n in replaced)} -> {per_month}")
+    same = [n for n in kept if app_table.index_columns[n] == model_table.index_columns[n]]
+    if same:
+        plan.names.append("kept: " + ", ".join(f'"{n}"' for n in same))
+    for name in kept:
+        if name not in same:
+            plan.names.append(f'"{name}" kept, now ({", ".join(model_table.index_columns[name])}), was '
+                              f'({", ".join(app_table.index_columns[name])})')
+    for name in sorted(app_table.indexes - model_table.indexes):
+        columns = app_table.index_columns[name]
+        parent = [n for n, cols in model_table.index_columns.items() if cols[:len(columns)] == columns]
+        child = [i for i in (table.range.child_indexes if table.range else ()) if i.columns[:len(columns)] == columns]
+        if parent:
+            plan.names.append(f'"{name}" ({", ".join(columns)}) -> "{parent[0]}" '
+                              f'({", ".join(model_table.index_columns[parent[0]])})')
+        elif child:
+            plan.names.append(f'"{name}" ({", ".join(columns)}) -> per month "{table.name}_YYYY_MM_{child[0].suffix}" '
+                              f'({", ".join(child[0].columns)})')
     fks = sorted(model_table.foreign_keys)
     if fks:
         plan.names.append("foreign keys: " + ", ".join(f'"{n}"' for n in fks))

@@ -25,7 +25,8 @@ from psycopg import sql
 
 from wedefi_pipelines.adoption import copy, layout as L, model, shadow, shape, state, swap
 from wedefi_pipelines.adoption.replay import Replayer
-from wedefi_pipelines.adoption.session import (AdoptionError, connect, crash_point, old, stage, with_lock_retries)
+from wedefi_pipelines.adoption.session import (LOCK_JOURNAL, AdoptionError, connect, crash_point, old, stage,
+                                               with_lock_retries)
 from wedefi_pipelines.adoption.verify import VerificationFailed, Verified, verify
 from wedefi_pipelines.settings import Settings, current_settings
 
@@ -80,6 +81,7 @@ class AdoptionReport:
     swaps: dict[str, dict] = field(default_factory=dict)
     unplaced: dict[str, dict[str, int]] = field(default_factory=dict)
     rebuilt_indexes: list[str] = field(default_factory=list)
+    locks: list[tuple[str, int, float]] = field(default_factory=list)  # strong-lock steps: what, attempts, ms
     elapsed_s: float = 0.0
 
     def as_text(self) -> str:
@@ -96,6 +98,10 @@ class AdoptionReport:
             lines += [f"    {table}: {n} {reason}" for reason, n in reasons.items()]
         if self.rebuilt_indexes:
             lines.append(f"  INVALID indexes rebuilt: {', '.join(self.rebuilt_indexes)}")
+        if self.locks:
+            longest = max(self.locks, key=lambda x: x[2])
+            lines.append(f"  other strong-lock steps: {len(self.locks)}, the longest {longest[2]:.0f} ms in all "
+                         f"({longest[0]}, {longest[1]} attempt(s))")
         return "\n".join(lines)
 
 
@@ -110,6 +116,7 @@ def adopt(url: str, settings: Settings | None = None, say=print, today: date | N
     today = today or datetime.now(timezone.utc).date()
     started = time.monotonic()
     report = AdoptionReport("adopted")
+    LOCK_JOURNAL.clear()
     with connect(url) as conn, run_lock(conn, settings.adoption.run_lock_wait_s, say):
         files = model.sql_files()
         if not state.in_progress(conn):
@@ -149,6 +156,7 @@ def adopt(url: str, settings: Settings | None = None, say=print, today: date | N
         report.unplaced = state.unplaced_counts(conn)
         swap.drop_staging(conn)
         _step(report, "finished: sql/ recorded, old tables dropped", started, say)
+    report.locks = list(LOCK_JOURNAL)
     report.elapsed_s = time.monotonic() - started
     return report
 

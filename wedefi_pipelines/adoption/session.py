@@ -105,6 +105,11 @@ def blockers(conn: psycopg.Connection, relations: Sequence[str]) -> str:
                      for pid, app, state, age, query in rows)
 
 
+# (step, attempts, ms from the first lock request to the commit) of every strong-lock step of
+# this process's adoption: the report prints them, so an operator sees what the app waited for.
+LOCK_JOURNAL: list[tuple[str, int, float]] = []
+
+
 def with_lock_retries(conn: psycopg.Connection, settings: AdoptionSettings, what: str,
                       work: Callable[[], T], relations: Sequence[str] = (),
                       on_retry: Callable[[], None] | None = None) -> T:
@@ -114,9 +119,12 @@ def with_lock_retries(conn: psycopg.Connection, settings: AdoptionSettings, what
     short wait repeated beats one long one."""
     for attempt in range(1, settings.lock_attempts + 1):
         try:
+            started = time.monotonic()
             with conn.transaction():
                 set_local_lock_timeout(conn, settings.lock_timeout_ms)
-                return work()
+                result = work()
+            LOCK_JOURNAL.append((what, attempt, round((time.monotonic() - started) * 1000, 1)))
+            return result
         except RETRYABLE as exc:
             if attempt == settings.lock_attempts:
                 raise LockContention(

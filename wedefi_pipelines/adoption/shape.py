@@ -37,6 +37,9 @@ class Shape:
         return self.state == "prisma" and not self.differences
 
     def refusal(self) -> str:
+        if all(d.startswith("missing table") for d in self.differences) and len(self.differences) == len(L.MANAGED_TABLES):
+            return ("no WeDefiDaily tables in this database; nothing was changed (a new database needs "
+                    "`wedefi-pipelines migrate`, not adoption)")
         lines = ["this database is not in WeDefiDaily's shape as Prisma builds it; nothing was changed:"]
         lines += [f"  - {d}" for d in self.differences]
         return "\n".join(lines)
