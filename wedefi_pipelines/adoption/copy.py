@@ -3,8 +3,8 @@
 Range tables go through a *loader*: a private partitioned table whose partitions are
 bare tables already named like the final monthly children (`month_ops.create_bare_child`).
 The old table is read once, in ctid ranges (one transaction per range, its progress
-recorded with it), and PostgreSQL routes each row to its month: no index to maintain,
-about a million rows a second. Each month is then finished off the live path:
+recorded with it), and PostgreSQL routes each row to its month with no index to maintain
+(docs/adoption.md has the rates). Each month is then finished off the live path:
 
 1. detached from the loader; the new parent's keys built on it *as constraints* (an
    equivalent index alone would be rebuilt inside ATTACH) and the per-month indexes of
@@ -135,14 +135,14 @@ def _parent_keys(conn: psycopg.Connection, table: L.Converted) -> list[tuple[str
             " AND k.conparentid = 0 ORDER BY k.conname", (stage(table.name).as_string(conn),))]
 
 
-def _parent_indexes(conn: psycopg.Connection, table: L.Converted) -> list[str]:
-    """What follows `USING` in the definitions of the parent's indexes that back no constraint."""
+def _parent_indexes(conn: psycopg.Connection, table: L.Converted) -> list[tuple[bool, str]]:
+    """(unique, what follows `USING` in its definition) of the parent's indexes that back no constraint."""
     with conn.transaction(), catalog_path(conn):
         defs = [r[0] for r in conn.execute(
             "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x WHERE x.indrelid = %s::regclass"
             " AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid) ORDER BY 1",
             (stage(table.name).as_string(conn),))]
-    return [("UNIQUE " if d.startswith("CREATE UNIQUE") else "") + "|" + d.split(" USING ", 1)[1] for d in defs]
+    return [(d.startswith("CREATE UNIQUE"), d.split(" USING ", 1)[1]) for d in defs]
 
 
 def _parent_fks(conn: psycopg.Connection, table: L.Converted) -> list[tuple[str, str, list[str], list[str], str]]:
@@ -179,9 +179,9 @@ def _build_keys(conn: psycopg.Connection, table: L.Converted, month: date) -> No
         else:
             conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(stage(child), sql.Identifier(name))
                          + sql.SQL(definition))
-    for definition in _parent_indexes(conn, table):
-        unique, rest = definition.split("|", 1)
-        conn.execute(sql.SQL("CREATE {}INDEX ON {} USING ").format(sql.SQL(unique), stage(child)) + sql.SQL(rest))
+    for unique, rest in _parent_indexes(conn, table):
+        conn.execute(sql.SQL("CREATE {}INDEX ON {} USING ").format(sql.SQL("UNIQUE " if unique else ""), stage(child))
+                     + sql.SQL(rest))
     for statement in p.create_child_indexes_sql(table.range, month):
         conn.execute(statement)
 

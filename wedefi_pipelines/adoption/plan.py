@@ -117,8 +117,8 @@ def lock_lines(tables: list[TablePlan], a) -> list[str]:
         f"and the names swapped, every statement cut at {a.swap_statement_timeout_ms} ms; tens of milliseconds",
         'SHARE on the new parents (blocks writes) while sql/ is recorded: its CREATE ... IF NOT EXISTS find '
         "everything there; milliseconds",
-        'ACCESS EXCLUSIVE on "Token", "Wallet", "Protocol" as each old table is dropped (its foreign keys\' '
-        "triggers go); milliseconds",
+        'ACCESS EXCLUSIVE on "Token", "Wallet", "Protocol" as each old foreign key is dropped (its triggers '
+        "there go), one at a time, before the old tables; milliseconds",
     ]
 
 

@@ -191,25 +191,29 @@ def rebuild_invalid_indexes(conn: psycopg.Connection) -> list[str]:
 
 
 def drop_old(conn: psycopg.Connection, settings: Settings) -> None:
-    """Drop the old tables (positions before portfolios: their foreign key). Their foreign
-    keys' triggers on "Token"/"Wallet"/"Protocol" go too, which takes ACCESS EXCLUSIVE on
-    those for a moment: under lock_timeout, retried."""
+    """Drop the old tables (positions before portfolios: their foreign key). Each foreign key
+    to the app's "Token"/"Wallet"/"Protocol" goes first, on its own: removing its triggers
+    takes ACCESS EXCLUSIVE on the referenced table, for a catalog update only (under
+    lock_timeout, retried). The DROP TABLE itself, whose file removal grows with the table,
+    then locks nothing the app uses."""
     order = ["PositionSnapshot", "PortfolioSnapshot", "PriceSnapshot", "TokenBalance"]
     for name in order:
         relation = sql.Identifier(L.OLD, name)
         if not conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(conn),)).fetchone()[0]:
             continue
-        referenced = [r[0] for r in conn.execute(
-            "SELECT DISTINCT confrelid::regclass::text FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'f'"
-            " AND confrelid <> conrelid", (relation.as_string(conn),))]
+        fks = conn.execute(
+            "SELECT conname, confrelid::regclass::text FROM pg_constraint WHERE conrelid = %s::regclass"
+            " AND contype = 'f' AND confrelid::regclass::text NOT LIKE %s ORDER BY 1",
+            (relation.as_string(conn), f"{L.OLD}.%")).fetchall()
+        for constraint, referenced in fks:
+            def drop_fk(constraint=constraint, referenced=referenced, relation=relation) -> None:
+                lock_up_front(conn, [sql.SQL(referenced)], "ACCESS EXCLUSIVE", settings.adoption)
+                conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(relation, sql.Identifier(constraint)))
 
-        def work(relation=relation, referenced=referenced) -> None:
-            mine = [r for r in referenced if not r.startswith(f"{L.OLD}.")]
-            if mine:
-                lock_up_front(conn, [sql.SQL(r) for r in mine], "ACCESS EXCLUSIVE", settings.adoption)
+            with_lock_retries(conn, settings.adoption, f"dropping the old {name}'s foreign key {constraint}", drop_fk,
+                              [referenced])
+        with conn.transaction():
             conn.execute(sql.SQL("DROP TABLE {}").format(relation))
-
-        with_lock_retries(conn, settings.adoption, f"dropping the old {name}", work, referenced)
 
 
 def drop_staging(conn: psycopg.Connection) -> None:
