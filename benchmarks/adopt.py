@@ -267,7 +267,7 @@ def run_partman_online(url: str, writer_ms: float, timeout_s: float) -> dict:
     def work():
         t0 = time.monotonic()
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"SET statement_timeout = '{int(timeout_s)}s'")
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(timeout_s)}s",))
             conn.execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman")
             conn.execute(PARTMAN_PARENT.replace('"PriceSnapshot"', '"PriceSnapshot_new"'))
             conn.execute('CREATE INDEX ON "PriceSnapshot_new" ("tokenId", "recordedAt")')

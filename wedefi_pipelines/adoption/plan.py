@@ -112,6 +112,8 @@ def lock_lines(tables: list[TablePlan], a) -> list[str]:
         "VALID (the VALIDATE after it blocks nobody); milliseconds",
         f'ACCESS EXCLUSIVE on "Token"/"Wallet"/"Protocol" (blocks reads) once per table ({ranged}): every month is '
         "ATTACHed with keys, foreign keys and bounds already proven, a catalog update; milliseconds",
+        'SHARE ROW EXCLUSIVE on "Token"/"Wallet"/"Protocol" while the empty months up to the horizon are created '
+        "(provisioning, each wait a share of the bound); milliseconds",
         'ACCESS EXCLUSIVE on the old "PriceSnapshot"; on "TokenBalance"; on "PortfolioSnapshot" with '
         f'"PositionSnapshot" (blocks reads and writes): each swap, at most {a.swap_max_pending} changes replayed '
         f"and the names swapped, every statement cut at {a.swap_statement_timeout_ms} ms; tens of milliseconds",
@@ -137,8 +139,8 @@ def _duplicates(conn: psycopg.Connection, table: str, columns: tuple[str, ...]) 
 
 
 def _table_plan(conn: psycopg.Connection, target: model.Model, table: L.Converted, settings: Settings) -> TablePlan:
-    rows, heap, total = conn.execute("SELECT count(*), pg_relation_size(%(t)s::regclass), "
-                                     "pg_total_relation_size(%(t)s::regclass) FROM " + old(table.name).as_string(conn),
+    rows, heap, total = conn.execute(sql.SQL("SELECT count(*), pg_relation_size(%(t)s::regclass), "
+                                             "pg_total_relation_size(%(t)s::regclass) FROM {}").format(old(table.name)),
                                      {"t": old(table.name).as_string(conn)}).fetchone()
     model_table = target.tables[table.name]
     app_table = model.read_tables(conn, L.APP_SCHEMA)[table.name]
