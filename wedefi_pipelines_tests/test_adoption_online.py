@@ -19,7 +19,7 @@ from wedefi_pipelines_tests.adoption_support import (adopt_env, app_running, ass
 STALL_BOUND_S = 5.0
 
 KILL_POINTS = ["after_stage", "after_repoint", "after_capture", "mid_copy", "after_copy", "after_keys", "after_fks",
-               "after_attach", "after_horizon", "after_verify", "in_swap", "after_swap", "after_migrate",
+               "after_attach", "after_horizon", "after_partitions", "after_verify", "in_swap", "after_swap", "after_migrate",
                "after_drop_old"]
 
 

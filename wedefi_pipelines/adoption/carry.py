@@ -210,13 +210,13 @@ def model_keys(conn: psycopg.Connection, schema: str, table: L.Converted) -> tup
     return keys, names
 
 
-def tree_relations(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str]]:
-    """(name, relkind) of the table and every partition below it, parent first."""
+def tree_relations(conn: psycopg.Connection, schema: str, table: str) -> list[tuple[str, str, str]]:
+    """(schema, name, relkind) of the table (in `schema`) and every partition below it, parent first."""
     rel = sql.Identifier(schema, table).as_string(conn)
-    return [(n, k) for n, k in conn.execute(
-        "SELECT c.relname, c.relkind FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = t.relid"
-        " ORDER BY t.level, c.relname", (rel,))]
+    return [(n, r, k) for n, r, k in conn.execute(
+        "SELECT c.relnamespace::regnamespace::text, c.relname, c.relkind::text FROM pg_partition_tree(%s::regclass) t"
+        " JOIN pg_class c ON c.oid = t.relid ORDER BY t.level, c.relname", (rel,))]
 
 
-def leaf_identifiers(conn: psycopg.Connection, schema: str, table: str) -> list[sql.Identifier]:
-    return [sql.Identifier(schema, n) for n, k in tree_relations(conn, schema, table) if k == "r"]
+def tree_identifiers(conn: psycopg.Connection, schema: str, table: str, kinds: str = "rp") -> list[sql.Identifier]:
+    return [sql.Identifier(n, r) for n, r, k in tree_relations(conn, schema, table) if k in kinds]

@@ -194,6 +194,9 @@ def _copy(conn: psycopg.Connection, settings: Settings, report: AdoptionReport, 
             with conn.transaction():
                 state.mark(conn, f"provisioned:{table.name}")
     crash_point("after_horizon")
+    for table in L.CONVERTED:
+        swap.move_partitions(conn, table)
+    crash_point("after_partitions")
 
 
 def _swap_group(conn: psycopg.Connection, group: tuple[str, ...], settings: Settings, report: AdoptionReport,

@@ -143,8 +143,8 @@ _RELATIONS = "SELECT relname FROM pg_class WHERE relnamespace = %s::regnamespace
 
 
 def taken_names(conn: psycopg.Connection) -> list[str]:
-    """Relations in public that the new tables' partitions would need to be named."""
-    pattern = re.compile("^(" + "|".join(re.escape(t.name) for t in L.CONVERTED) + r")_(\d{4}_\d{2}(_part_\d+)?|default|part_\d+)$")
+    """Relations in public (tables, indexes) named as the new tables' partitions or their indexes would be."""
+    pattern = re.compile("^(" + "|".join(re.escape(t.name) for t in L.CONVERTED) + r")_(\d{4}_\d{2}|default|part_\d+)")
     names = [r[0] for r in conn.execute(_RELATIONS, (L.APP_SCHEMA,)) if pattern.match(r[0])]
     return [f"{_q(n)} already exists in {L.APP_SCHEMA}: the partitioned layout needs that name" for n in sorted(names)]
 

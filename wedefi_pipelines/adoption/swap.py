@@ -5,7 +5,7 @@ The swap is the only moment the app waits for adoption, and it is kept small:
     LOCK TABLE ONLY public.<old tables> IN ACCESS EXCLUSIVE MODE  -- total wait <= lock_timeout
     replay the last logged ids (at most swap_max_pending, checked first)
     ALTER TABLE public.<old> SET SCHEMA wedefi_adopt_old          -- catalog only
-    ALTER TABLE wedefi_adopt.<each relation of the new tree> SET SCHEMA public
+    ALTER TABLE wedefi_adopt.<new parent> SET SCHEMA public        -- its partitions moved earlier
     CREATE TRIGGER <the app's triggers>, ENABLE ROW LEVEL SECURITY, ALTER PUBLICATION ... ADD TABLE
     COMMIT
 
@@ -50,11 +50,29 @@ def carry_before_swap(conn: psycopg.Connection, group: tuple[str, ...], settings
         return carried
     with conn.transaction():
         for c in carried:
-            tree = [stage(n) for n, _ in carry.tree_relations(conn, L.STAGE, c.table)]
+            tree = carry.tree_identifiers(conn, L.STAGE, c.table)
             for statement in carry.build_statements(c, stage(c.table), tree):
                 conn.execute(statement)
         state.mark(conn, step, {c.table: c.summary() for c in carried})
     return carried
+
+
+def move_partitions(conn: psycopg.Connection, table: L.Converted) -> None:
+    """Move every partition of the new table (the parent stays) from the staging schema to
+    public before the swap: their names are free there (the shape check made sure), nothing
+    of the app's touches them yet, and the swap then renames nothing but the parent, however
+    many months the table holds."""
+    step = f"partitions:{table.name}"
+    if state.done(conn, step):
+        return
+    with conn.transaction():
+        moved = 0
+        for schema, relation, _ in carry.tree_relations(conn, L.STAGE, table.name)[1:]:
+            if schema == L.STAGE:
+                conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(stage(relation),
+                                                                            sql.Identifier(L.APP_SCHEMA)))
+                moved += 1
+        state.mark(conn, step, {"moved": moved})
 
 
 def _move_functions_and_types(conn: psycopg.Connection, oids: list[int]) -> None:
@@ -91,13 +109,14 @@ def _swap(conn: psycopg.Connection, group: tuple[str, ...], settings: Settings, 
     for name in group:
         conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(old(name), sql.Identifier(L.OLD)))
     oids = []
-    for name in group:
-        for relation, _ in carry.tree_relations(conn, L.STAGE, name):
-            oids.append(conn.execute("SELECT %s::regclass::oid", (stage(relation).as_string(conn),)).fetchone()[0])
-            conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(stage(relation), sql.Identifier(L.APP_SCHEMA)))
+    for name in group:  # the partitions are in public already (move_partitions): the parent alone moves
+        for schema, relation, _ in carry.tree_relations(conn, L.STAGE, name):
+            oids.append(conn.execute("SELECT %s::regclass::oid", (sql.Identifier(schema, relation).as_string(conn),)
+                                     ).fetchone()[0])
+        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(stage(name), sql.Identifier(L.APP_SCHEMA)))
     _move_functions_and_types(conn, oids)
     for c in carried:
-        leaves = carry.leaf_identifiers(conn, L.APP_SCHEMA, c.table)
+        leaves = carry.tree_identifiers(conn, L.APP_SCHEMA, c.table, kinds="r")
         for statement in carry.swap_statements(c, old(c.table), leaves):
             conn.execute(statement)
     crash_point("in_swap")
