@@ -13,15 +13,24 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from wedefi_pipelines import partitioning as p, provisioning
+from wedefi_pipelines import partitioning as p
+from wedefi_pipelines import provisioning
 from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption.run import abort, adopt
-from wedefi_pipelines.adoption.shape import AdoptionRefused
 from wedefi_pipelines.adoption.session import AdoptionError
+from wedefi_pipelines.adoption.shape import AdoptionRefused
 from wedefi_pipelines.definitions import defs
-from wedefi_pipelines_tests.adoption_support import (TABLES, adopt_env, assert_adopted, create_prisma_database,  # noqa: F401
-                                                     prisma_db, prisma_template, run_adopt,
-                                                     run_against_adopted_database, snapshot)
+from wedefi_pipelines_tests.adoption_support import (  # noqa: F401 (fixtures)
+    TABLES,
+    adopt_env,
+    assert_adopted,
+    create_prisma_database,
+    prisma_db,
+    prisma_template,
+    run_adopt,
+    run_against_adopted_database,
+    snapshot,
+)
 
 OTHER_TABLES_FINGERPRINT = """
 SELECT c.relname, c.relkind::text, coalesce(c.relacl::text, ''), coalesce(c.reloptions::text, ''),
@@ -357,3 +366,17 @@ def test_a_cascade_from_the_apps_other_tables_during_adoption_reaches_the_new_ta
         for table in gone:
             assert conn.execute(sql.SQL('SELECT count(*) FROM {} WHERE "tokenId" = %s').format(sql.Identifier(table)),
                                 ("tok-3",)).fetchone()[0] == 0
+
+
+def test_a_truncate_by_the_app_during_adoption_empties_the_new_table(prisma_db, adopt_env):
+    killed = run_adopt(adopt_env, fault="after_attach:kill")
+    assert killed.returncode == -9
+    with prisma_db.connect() as conn:
+        conn.execute('TRUNCATE "TokenBalance"')
+        conn.execute('INSERT INTO "TokenBalance" (id, "walletId", "tokenId", "rawBalance", quantity, "updatedAt") '
+                     "VALUES ('after-truncate', 'w-1', 'tok-1', '1', 1, now())")
+    before = snapshot(prisma_db.url)
+    assert run_adopt(adopt_env).returncode == 0
+    assert_adopted(prisma_db.url, before)
+    with prisma_db.connect() as conn:
+        assert conn.execute('SELECT id FROM "TokenBalance"').fetchall() == [("after-truncate",)]

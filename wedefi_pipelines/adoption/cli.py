@@ -28,7 +28,11 @@ def add_adopt_parser(subparsers) -> None:
 def cmd_adopt(args: argparse.Namespace) -> int:
     from wedefi_pipelines.adoption.model import ModelError
     from wedefi_pipelines.adoption.session import AdoptionError
-    from wedefi_pipelines.resources.database import ENV_PRIMARY, ConfigurationError, require_env
+    from wedefi_pipelines.resources.database import (
+        ENV_PRIMARY,
+        ConfigurationError,
+        require_env,
+    )
 
     try:
         url = args.database_url or require_env(ENV_PRIMARY, "the database to adopt (or pass --database-url)")

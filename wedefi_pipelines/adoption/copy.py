@@ -30,11 +30,19 @@ from datetime import date, datetime, timezone
 import psycopg
 from psycopg import sql
 
-from wedefi_pipelines import month_ops, partitioning as p, provisioning
+from wedefi_pipelines import month_ops, provisioning
+from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption import state
 from wedefi_pipelines.adoption.placing import Shaping, place, set_aside
-from wedefi_pipelines.adoption.session import AdoptionError, catalog_path, crash_point, old, stage, with_lock_retries
+from wedefi_pipelines.adoption.session import (
+    AdoptionError,
+    catalog_path,
+    crash_point,
+    old,
+    stage,
+    with_lock_retries,
+)
 from wedefi_pipelines.adoption.shadow import lock_up_front
 from wedefi_pipelines.settings import Settings
 

@@ -17,7 +17,8 @@ import psycopg
 from psycopg import sql
 
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.adoption import carry, copy, layout as L, model, shape, state
+from wedefi_pipelines.adoption import carry, copy, model, shape, state
+from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption.session import connect, old
 from wedefi_pipelines.settings import Settings, current_settings
 

@@ -23,10 +23,18 @@ from typing import Iterator
 import psycopg
 from psycopg import sql
 
-from wedefi_pipelines.adoption import copy, layout as L, model, shadow, shape, state, swap
+from wedefi_pipelines.adoption import copy, model, shadow, shape, state, swap
+from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption.replay import Replayer
-from wedefi_pipelines.adoption.session import (LOCK_JOURNAL, AdoptionError, connect, crash_point, old, stage,
-                                               with_lock_retries)
+from wedefi_pipelines.adoption.session import (
+    LOCK_JOURNAL,
+    AdoptionError,
+    connect,
+    crash_point,
+    old,
+    stage,
+    with_lock_retries,
+)
 from wedefi_pipelines.adoption.verify import VerificationFailed, Verified, verify
 from wedefi_pipelines.settings import Settings, current_settings
 

@@ -20,7 +20,12 @@ from psycopg import sql
 
 from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption import model, state
-from wedefi_pipelines.adoption.session import catalog_path, old, stage, with_lock_retries
+from wedefi_pipelines.adoption.session import (
+    catalog_path,
+    old,
+    stage,
+    with_lock_retries,
+)
 from wedefi_pipelines.settings import AdoptionSettings
 
 _FKS_TO = """

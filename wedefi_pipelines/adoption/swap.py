@@ -25,10 +25,21 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from wedefi_pipelines import migrations, provisioning
-from wedefi_pipelines.adoption import carry, layout as L, state
+from wedefi_pipelines.adoption import carry, state
+from wedefi_pipelines.adoption import layout as L
 from wedefi_pipelines.adoption.replay import Replayer
-from wedefi_pipelines.adoption.session import (RETRYABLE, AdoptionError, LockContention, backoff, blockers,
-                                               crash_point, old, set_local_lock_timeout, stage, with_lock_retries)
+from wedefi_pipelines.adoption.session import (
+    RETRYABLE,
+    AdoptionError,
+    LockContention,
+    backoff,
+    blockers,
+    crash_point,
+    old,
+    set_local_lock_timeout,
+    stage,
+    with_lock_retries,
+)
 from wedefi_pipelines.adoption.shadow import lock_up_front
 from wedefi_pipelines.settings import Settings
 
