@@ -380,3 +380,24 @@ def test_a_truncate_by_the_app_during_adoption_empties_the_new_table(prisma_db, 
     assert_adopted(prisma_db.url, before)
     with prisma_db.connect() as conn:
         assert conn.execute('SELECT id FROM "TokenBalance"').fetchall() == [("after-truncate",)]
+
+
+def test_the_portfolio_to_positions_cascade_after_adoption_is_what_sql_defines(prisma_db):
+    """The app's FK (ON DELETE CASCADE) cannot exist on the layout; sql/ replaces it with a
+    trigger (issue 12's 0007). With it, deleting a portfolio deletes its positions on the
+    adopted database too (its function moved out of the staging schema with the table);
+    without it, they stay, as --plan says."""
+    adopt(prisma_db.url, say=lambda line: None)
+    with prisma_db.connect() as conn:
+        triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = '\"PortfolioSnapshot\"'::regclass "
+                                "AND NOT tgisinternal").fetchone()[0]
+        portfolio = conn.execute('SELECT "portfolioSnapshotId" FROM "PositionSnapshot" LIMIT 1').fetchone()[0]
+        positions = conn.execute('SELECT count(*) FROM "PositionSnapshot" WHERE "portfolioSnapshotId" = %s',
+                                 (portfolio,)).fetchone()[0]
+        assert positions > 0
+        conn.execute('DELETE FROM "PortfolioSnapshot" WHERE id = %s', (portfolio,))
+        left = conn.execute('SELECT count(*) FROM "PositionSnapshot" WHERE "portfolioSnapshotId" = %s',
+                            (portfolio,)).fetchone()[0]
+        assert left == (0 if triggers else positions)
+        assert conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace::regnamespace::text LIKE 'wedefi_adopt%'"
+                            ).fetchone()[0] == 0
