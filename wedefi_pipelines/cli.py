@@ -7,6 +7,7 @@ import logging
 import sys
 
 from wedefi_pipelines import devstack
+from wedefi_pipelines.adoption.cli import add_adopt_parser
 from wedefi_pipelines.foreground import wait_until_interrupted
 from wedefi_pipelines.health.cli import add_health_parsers
 from wedefi_pipelines.tiering.history_cli import add_history_parser
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=cmd_migrate)
     add_history_parser(sub)
     add_health_parsers(sub)
+    add_adopt_parser(sub)
     return parser
 
 

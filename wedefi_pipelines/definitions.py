@@ -7,7 +7,7 @@ that run naming it. Bad settings ($WEDEFI_SETTINGS) fail here, at load time.
 
 import dagster as dg
 
-from wedefi_pipelines.defs import cache, health, ingestion, maintenance, provisioning, schema, tiering
+from wedefi_pipelines.defs import adoption, cache, health, ingestion, maintenance, provisioning, schema, tiering
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
@@ -21,5 +21,6 @@ defs = dg.Definitions.merge(
     cache.defs,
     health.defs,
     maintenance.defs,
+    adoption.defs,
     dg.Definitions(resources={"database": DatabaseResource()}),
 )

@@ -68,6 +68,23 @@ class MigrationResult:
     already_applied: list[str]
 
 
+def _refuse_prisma_built(conn: psycopg.Connection) -> None:
+    """sql/ partitions the app's time-series tables; where the app's Prisma schema already built
+    them as plain tables, that takes an online conversion (`adopt`), not a migration."""
+    from wedefi_pipelines import partitioning as p
+
+    names = [t.name for t in p.RANGE_TABLES] + [p.TOKEN_BALANCE.name]
+    plain = [r[0] for r in conn.execute(
+        "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'"
+        " AND relname = ANY(%s) ORDER BY relname", (names,))]
+    if plain:
+        raise MigrationError(
+            "this database holds WeDefiDaily's tables as the app's Prisma schema built them ("
+            + ", ".join(f'"{n}"' for n in plain) + " are plain tables, sql/ partitions them): that is an online "
+            "conversion, not a migration. Run `wedefi-pipelines adopt --plan` to review it, then "
+            "`wedefi-pipelines adopt` (docs/adoption.md). Nothing was applied")
+
+
 def migrate(conninfo: str, sql_dir: Path | None = None) -> MigrationResult:
     """Apply every pending file of `sql_dir` to the database at `conninfo`."""
     migrations = discover(sql_dir)
@@ -75,6 +92,7 @@ def migrate(conninfo: str, sql_dir: Path | None = None) -> MigrationResult:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))  # waits: runners take turns
         try:
+            _refuse_prisma_built(conn)
             conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (version TEXT PRIMARY KEY, filename TEXT NOT NULL, "

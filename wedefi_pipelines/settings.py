@@ -285,6 +285,23 @@ class ArchiveSettings(_Strict):
     s3_read_timeout_s: float = Field(60.0, gt=0, le=3600)
 
 
+class AdoptionSettings(_Strict):
+    """`wedefi-pipelines adopt` (docs/adoption.md): how long it may hold the app up, and batch sizes."""
+
+    # every strong lock waits at most this long per attempt (below deadlock_timeout's 1 s),
+    # then the transaction rolls back and retries with backoff, up to lock_attempts times
+    lock_timeout_ms: int = Field(500, ge=10, le=5000)
+    lock_attempts: int = Field(30, ge=1, le=1000)
+    # the swap transaction's statements are cut off past this (the app waits behind them)
+    swap_statement_timeout_ms: int = Field(800, ge=50, le=10_000)
+    # the swap starts only when at most this many logged changes remain to replay under its lock
+    swap_max_pending: int = Field(2000, ge=1, le=1_000_000)
+    copy_chunk_pages: int = Field(4096, ge=16, le=1_000_000)  # one copy transaction reads this many heap pages
+    replay_batch: int = Field(5000, ge=1, le=1_000_000)
+    # a second `adopt` waits this long for the running one (or a killed one's session) to end, then refuses
+    run_lock_wait_s: float = Field(60.0, ge=0, le=86_400)
+
+
 class PartitionSettings(_Strict):
     start: date = date(2024, 1, 1)
     horizon_months: int = Field(6, ge=1, le=60)
@@ -387,6 +404,7 @@ class Settings(_Strict):
     sources: SourceSettings = SourceSettings()
     cache: CacheSettings = CacheSettings()
     ingestion: IngestionSettings = IngestionSettings()
+    adoption: AdoptionSettings = AdoptionSettings()
 
     @field_validator("alerts")
     @classmethod
