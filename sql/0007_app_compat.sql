@@ -50,9 +50,11 @@ $$;
 ALTER TABLE "PositionSnapshot" ALTER COLUMN "capturedAt" DROP NOT NULL;
 
 -- 2. ------------------------------------------------------------------------------------------
+-- The functions name the tables unqualified and resolve them with the session's search_path
+-- (the app's: public), so `wedefi-pipelines adopt`, which builds the new tables in a staging
+-- schema and swaps them in, gets triggers that follow the tables they fire on.
 CREATE OR REPLACE FUNCTION wedefi_portfolio_snapshot_delete_positions() RETURNS trigger
     LANGUAGE plpgsql
-    SET search_path FROM CURRENT
 AS $$
 BEGIN
     IF current_setting('wedefi.row_move', true) = 'on' THEN
@@ -75,7 +77,6 @@ CREATE OR REPLACE TRIGGER "PortfolioSnapshot_delete_positions"
 
 CREATE OR REPLACE FUNCTION wedefi_portfolio_snapshot_update_positions() RETURNS trigger
     LANGUAGE plpgsql
-    SET search_path FROM CURRENT
 AS $$
 DECLARE
     gone TEXT[];

@@ -140,7 +140,8 @@ def test_adopt_converts_the_four_tables_and_keeps_what_they_carry(prisma_db):
                 'CREATE UNIQUE INDEX token_balance_wallet_token_unique ON ONLY public."TokenBalance" USING btree ("walletId", '
                 '"tokenId")')
             assert keys.get("PositionSnapshot_pkey") == 'PRIMARY KEY (id, "capturedAt")' or any(  # or issue 12's UNIQUE
-                d == 'UNIQUE (id, "capturedAt")' for k, d in keys.items() if k.startswith("PositionSnapshot"))
+                d == 'UNIQUE NULLS NOT DISTINCT (id, "capturedAt")' for k, d in keys.items()
+                if k.startswith("PositionSnapshot"))
             assert conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'PriceSnapshot' AND inherited"
                                 ).fetchone()[0] > 0  # ANALYZEd through the parent
             owners = {r[0] for r in conn.execute(

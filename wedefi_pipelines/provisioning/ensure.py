@@ -31,7 +31,7 @@ def table_lock_key(table: p.RangeTable | str) -> int:
     """The transaction-level advisory lock every unit of provisioning holds while it creates
     or drains a month of the table; whatever detaches, drops or re-attaches one (the cold
     archive, a restore) holds it in that transaction too (month_ops.locked_transaction)."""
-    return locks.advisory_key("provisioning.table", p.range_table(table).name)[0]
+    return locks.advisory_key("provisioning.table", table if isinstance(table, str) else table.name)[0]
 
 
 class ProvisioningError(RuntimeError):
