@@ -95,3 +95,34 @@ def test_a_missing_horizon_opens_one_alert_and_resolves_once_provisioned(db_env,
     _horizon(db_env)
     assert resolves(ticker, db_env, "the horizon alert to resolve")["status"] == "resolved"
     assert len(alerts(db_env)) == 1
+
+
+def test_a_long_statement_of_the_pipelines_own_session_is_not_a_slow_query(db_env, health_settings):
+    """Adoption's verify read or an archive export runs for long: within its
+    monitoring.pipeline_sessions limit it is the pipeline's work, not an incident."""
+    import threading
+    import time
+
+    settings = health_settings({"alerts": [{"name": "SlowQueryDetected", "condition": "query_duration > 300ms"}]})
+
+    def sleep_as(application_name: str) -> threading.Thread:
+        def run():
+            with psycopg.connect(db_env.url, application_name=application_name) as conn:
+                conn.execute("SELECT pg_sleep(3)")
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def running_apps() -> list[str]:
+        with db_env.database(settings) as database:
+            finding = next(f for f in HealthMonitor(database).slow_queries().findings if f.subject == "primary")
+        return [q["application_name"] for q in finding.evidence.get("running", [])]
+
+    own = sleep_as("wedefi-pipelines:adopt")
+    time.sleep(1)
+    assert "wedefi-pipelines:adopt" not in running_apps()
+    app = sleep_as("wedefi-api")
+    time.sleep(1)
+    assert "wedefi-api" in running_apps()
+    own.join()
+    app.join()

@@ -40,6 +40,13 @@ def one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+def _own_within_limit(application_name: str | None, age_ms: float, limits: Mapping[str, float | None]) -> bool:
+    """One of the pipeline's own sessions (archive export, warm rewrite, adoption) within its
+    monitoring.pipeline_sessions limit: its long statements are its work, not an incident."""
+    prefix, limit = rules.pipeline_limit(application_name, limits)
+    return prefix is not None and (limit is None or age_ms <= limit)
+
+
 class HealthMonitor:
     """Health evaluations over a `Database`'s servers. Each method takes the figures the
     previous evaluation left (a sensor's cursor; None means "since the statistics' reset")
@@ -121,7 +128,9 @@ class HealthMonitor:
         def probe(label, conn, before):
             snapshot = probes.statement_snapshot(conn, self.timeout_ms, min_max_exec_ms=threshold)
             grown = rules.grown_statements(snapshot, before, threshold)
-            running = probes.running_queries(conn, threshold, self.timeout_ms)
+            limits = self.settings.monitoring.pipeline_sessions
+            running = [q for q in probes.running_queries(conn, threshold, self.timeout_ms)  # not our own work
+                       if not _own_within_limit(q.application_name, q.duration_ms, limits)]
             texts = probes.statement_texts(conn, [s.queryid for s, _ in grown[:10]], self.timeout_ms)
             finding = rules.slow_query_finding(label, grown, running, texts, threshold)
             return finding, rules.statement_baseline(snapshot, threshold)
