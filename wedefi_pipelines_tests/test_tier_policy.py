@@ -95,8 +95,10 @@ def _typmod(precision: int, scale: int) -> int:
 def test_columns_map_to_exact_arrow_types_or_are_refused_by_name():
     assert column_spec("T", "p", "numeric", _typmod(36, 18), "numeric(36,18)", True).arrow_type == pa.decimal128(36, 18)
     ts = column_spec("T", "t", "timestamp", 3, "timestamp(3) without time zone", False)
-    assert ts.arrow_type == pa.timestamp("ms", tz="UTC") and ts.nullable and ts.csv_type == pa.timestamp("ms")
-    assert column_spec("T", "t", "timestamp", -1, "timestamp", True).arrow_type == pa.timestamp("us", tz="UTC")
+    # the type policy: microseconds without time-zone adjustment (Iceberg's `timestamp`), whatever the precision
+    assert ts.arrow_type == pa.timestamp("us") and ts.nullable and ts.csv_type == pa.timestamp("us")
+    assert column_spec("T", "t", "timestamp", -1, "timestamp", True).arrow_type == pa.timestamp("us")
+    assert column_spec("T", "s", "int2", -1, "smallint", True).arrow_type == pa.int32()  # Iceberg has no int16
     assert column_spec("T", "m", "jsonb", -1, "jsonb", False).kind == "jsonb"
     with pytest.raises(UnsupportedColumn, match='"T"."x" \\(numeric\\): numeric without precision'):
         column_spec("T", "x", "numeric", -1, "numeric", False)
