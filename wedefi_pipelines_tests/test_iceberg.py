@@ -234,3 +234,22 @@ def test_the_check_tells_a_table_changed_behind_the_archives_back_from_pending_w
         assert Archiver(database, store).archive_month("PriceSnapshot", second).action == "registered"
     tbl = catalog.load_table((NAMESPACE, "PriceSnapshot"))
     assert sum(month_files(tbl)[second].values()) == hashes[("PriceSnapshot", second)].count
+
+
+def test_a_column_added_to_postgresql_joins_the_iceberg_schema_before_files_that_have_it(db, archived):
+    first, second, hashes, store = archived
+    later = months_ago(13)
+    with psycopg.connect(db.url) as conn:
+        conn.execute('ALTER TABLE "PriceSnapshot" ADD COLUMN "venue" varchar(16)')
+        load_prices(conn, later)
+        conn.execute('UPDATE "PriceSnapshot" SET "venue" = \'dex\' WHERE "tokenId" = \'tok-1\'')
+        count = conn.execute('SELECT count(*) FROM "PriceSnapshot"').fetchone()[0]
+    with db.database() as database:
+        assert Archiver(database, store).archive_month("PriceSnapshot", later).registered == {"PriceSnapshot": 1}
+        assert iceberg_tables_match_archive(database, store).passed
+    tbl = plain_catalog(db, store).load_table((NAMESPACE, "PriceSnapshot"))
+    assert tbl.schema().fields[-1].name == "venue"
+    rows = tbl.scan().to_arrow()
+    assert rows.num_rows == count + hashes[("PriceSnapshot", first)].count + hashes[("PriceSnapshot", second)].count
+    venues = rows.group_by("venue").aggregate([("id", "count")]).to_pylist()
+    assert {v["venue"] for v in venues} == {None, "dex"}  # older months read the new column as null

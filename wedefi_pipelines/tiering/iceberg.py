@@ -332,6 +332,7 @@ class ArchiveTables:
             return None
         uris = {self.store.uri(o.key): o for o in objects}
         with self._locked(conn, table) as tbl:
+            self._evolve(conn, tbl, table)
             pending = list(uris)
             try:
                 tbl.add_files(pending, snapshot_properties={"wedefi.month": p.month_year(month)})
@@ -355,6 +356,21 @@ class ArchiveTables:
             conn.execute(sql.SQL("UPDATE {} SET iceberg_snapshot_id = %s WHERE object_key = ANY(%s)").format(
                 sql.Identifier(p.archive_objects_name(table))), (snapshot.snapshot_id, [o.key for o in objects]))
             return snapshot.snapshot_id
+
+    def _evolve(self, conn: psycopg.Connection, tbl: Table, table: p.RangeTable) -> None:
+        """Columns added to the PostgreSQL table since the Iceberg table was created join its
+        schema (pyiceberg's union by name; older files read them as null) before a file that
+        has them is added. A change Iceberg cannot express (a type narrowed, a column
+        dropped) fails here, naming the columns, and the archive's transaction with it."""
+        columns = archive_columns(conn, table.name)
+        if [f.name for f in tbl.schema().fields] == [c.name for c in columns]:
+            return
+        with tbl.update_schema() as update:
+            update.union_by_name(iceberg_schema(columns))
+        missing = {c.name for c in columns} - {f.name for f in tbl.schema().fields}
+        if missing:
+            raise IcebergError(f"{table.name}: the Iceberg table's schema could not take the columns {sorted(missing)}")
+        self.log.info("%s: the Iceberg table's schema now has %s", table.name, [f.name for f in tbl.schema().fields])
 
     def unregister(self, conn: psycopg.Connection, table: p.RangeTable | str, month: date) -> int:
         """Remove the month's files from its Iceberg table, in `conn`'s transaction (a
