@@ -190,7 +190,9 @@ class ArchiveSettings(_Strict):
     zstd_level: int = Field(1, ge=1, le=22)  # measured: level 3 is slower and no smaller on these rows
     # decimals (random low digits): 7.6 B/row at level 9 against 8.0 at level 1, 0.45 s more per million rows
     decimal_zstd_level: int = Field(9, ge=1, le=22)
-    row_group_rows: int = Field(131_072, ge=1024, le=10_000_000)
+    # one token's month (8,928 rows at 5-minute ticks) spans one or two groups: 65,536 reads it 2.8x faster
+    # than 131,072 for 0.1% more bytes (docs/tiering.md)
+    row_group_rows: int = Field(65_536, ge=1024, le=10_000_000)
     export_work_mem_mb: int = Field(64, ge=4, le=8192)  # the export's ORDER BY sort memory
     replica_catchup_s: float = Field(10.0, ge=0, le=600)  # wait for the analytics replica, else export from the primary
     multipart_chunk_mb: int = Field(16, ge=5, le=5120)
