@@ -11,10 +11,9 @@ neighbouring month.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import pytest
 from psycopg import sql
 
 from wedefi_pipelines import partitioning as p
-from wedefi_pipelines.migrations import migrate  # noqa: F401 (the stack's template is migrated)
 from wedefi_pipelines.tiering.archive import Archiver
 from wedefi_pipelines.tiering.columns import archive_columns
 from wedefi_pipelines_tests.conftest import TEMPLATE_DB, TestDatabase

@@ -17,7 +17,7 @@ from PostgreSQL. The result has the archive's exact types and is ordered by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
