@@ -60,7 +60,6 @@ from wedefi_pipelines.tiering.arrow_io import UnrepresentableValue  # noqa: F401
 from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns
 from wedefi_pipelines.tiering.copy_out import CopyOutError
 from wedefi_pipelines.tiering.export import HASH_FORMAT, ArchiveError, Part, export_relation, parquet_writer
-from wedefi_pipelines.tiering.iceberg import ArchiveTables
 from wedefi_pipelines.tiering.policy import NO_CHILD, Action, Tier, decide_group, group_tables, needs_newest
 from wedefi_pipelines.tiering.upgrade import FORMAT_METADATA, Upgrade, upgrade_object
 from wedefi_pipelines.tiering.verify import VerificationError, read_back, verify_part  # noqa: F401 (re-exported)
@@ -142,6 +141,8 @@ class Archiver:
         self.log = logger or log
         self.on_step = on_step
         self.workdir = workdir or os.environ.get("WEDEFI_ARCHIVE_TMP") or None  # where exports are staged
+        from wedefi_pipelines.tiering.iceberg import ArchiveTables  # pyiceberg takes ~1 s to import: runs only
+
         self.tables = ArchiveTables(db, store, self.settings, self.log)
 
     def _step(self, name: str, parts: list[Part]) -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import psycopg
 import pyarrow.parquet as pq
@@ -37,8 +37,10 @@ from wedefi_pipelines.settings import Settings
 from wedefi_pipelines.tiering.arrow_io import copy_in_csv
 from wedefi_pipelines.tiering.columns import archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql
-from wedefi_pipelines.tiering.iceberg import ArchiveTables, current_location
 from wedefi_pipelines.tiering.policy import group_tables
+
+if TYPE_CHECKING:
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ def restore_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, 
     settings = settings or db.settings
     logger = logger or log
     step = on_step or (lambda name: None)
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables  # pyiceberg takes ~1 s to import: runs only
+
     with ArchiveTables(db, store, settings, logger) as tables:
         return _restore(db, store, tables, table, month, settings, logger, step)
 
@@ -162,6 +166,8 @@ def _leave_iceberg(conn: psycopg.Connection, tables: ArchiveTables, member: p.Ra
                    meta: catalog.MonthState) -> int:
     """Remove the month's files from the member's Iceberg table in the restore's transaction;
     they must be exactly the rows the archive registered."""
+    from wedefi_pipelines.tiering.iceberg import current_location
+
     if current_location(conn, tables.identifier(member)) is None:
         return 0  # archived before the Iceberg tables existed: nothing registered
     removed = tables.unregister(conn, member, month)

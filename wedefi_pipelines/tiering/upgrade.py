@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import psycopg
 import pyarrow.parquet as pq
@@ -48,8 +48,10 @@ from wedefi_pipelines.tiering.arrow_io import current_types
 from wedefi_pipelines.tiering.columns import ArchiveColumn
 from wedefi_pipelines.tiering.content_hash import ContentHash
 from wedefi_pipelines.tiering.export import HASH_FORMAT, ArchiveError, Part, file_schema, parquet_writer
-from wedefi_pipelines.tiering.iceberg import ArchiveTables
 from wedefi_pipelines.tiering.verify import VerificationError, verify_part
+
+if TYPE_CHECKING:
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables
 
 log = logging.getLogger(__name__)
 FORMAT_METADATA = "wedefi-format-version"  # S3 user metadata (lower case: S3 folds it)
