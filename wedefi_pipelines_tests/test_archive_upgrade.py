@@ -17,7 +17,7 @@ from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.defs.tiering.checks import iceberg_tables_match_archive
 from wedefi_pipelines.settings import Settings
-from wedefi_pipelines.tiering.archive import Archiver, read_back
+from wedefi_pipelines.tiering.archive import UPGRADE_STEPS, Archiver, read_back
 from wedefi_pipelines.tiering.columns import archive_columns
 from wedefi_pipelines.tiering.content_hash import ContentHash
 from wedefi_pipelines.tiering.history import price_history
@@ -112,7 +112,7 @@ def test_a_format_1_archive_is_rewritten_in_place_verified_and_registered(db, le
         assert {t: rows_of(conn, t) for t in TABLES} == before  # every column, byte for byte
 
 
-@pytest.mark.parametrize("step", ["staged", "swapped", "upgraded"])
+@pytest.mark.parametrize("step", UPGRADE_STEPS)
 def test_an_upgrade_killed_after_any_step_loses_nothing_and_a_rerun_completes_it(db, legacy, tmp_path, step):
     """`staged`: the verified replacement sits under _staging/, the original untouched;
     `swapped`: the key holds the replacement, the metadata still describes the original;
