@@ -253,3 +253,23 @@ def test_a_column_added_to_postgresql_joins_the_iceberg_schema_before_files_that
     assert rows.num_rows == count + hashes[("PriceSnapshot", first)].count + hashes[("PriceSnapshot", second)].count
     venues = rows.group_by("venue").aggregate([("id", "count")]).to_pylist()
     assert {v["venue"] for v in venues} == {None, "dex"}  # older months read the new column as null
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("postgresql://postgres@127.0.0.1:5432/wedefi",
+     {"user": "postgres", "host": "127.0.0.1", "port": "5432", "dbname": "wedefi"}),
+    ("postgresql://u:p%40ss@h/db?sslmode=require&options=-c%20statement_timeout%3D5s",
+     {"user": "u", "password": "p@ss", "host": "h", "dbname": "db", "sslmode": "require",
+      "options": "-c statement_timeout=5s -c search_path=iceberg_catalog"}),
+    ("host=/run/postgresql port=5433 dbname=x user=y", {"host": "/run/postgresql", "port": "5433", "dbname": "x"}),
+])
+def test_the_catalog_connects_to_the_same_database_through_psycopg_3_in_its_own_schema(url, expected):
+    import sqlalchemy
+
+    from wedefi_pipelines.tiering.iceberg import catalog_uri
+
+    engine = sqlalchemy.create_engine(catalog_uri(url))
+    assert engine.dialect.driver == "psycopg"  # psycopg 3: the project's one PostgreSQL driver
+    args = {k: str(v) for k, v in engine.dialect.create_connect_args(engine.url)[1].items() if k != "context"}
+    assert {k: args.get(k) for k in expected} == expected
+    assert args["options"].endswith("-c search_path=iceberg_catalog")

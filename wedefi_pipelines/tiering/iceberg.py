@@ -143,15 +143,19 @@ class DelayedOpenFileIO(PyArrowFileIO):
 
 def catalog_uri(database_url: str) -> str:
     """The SQLAlchemy URL of the catalog: the same database through psycopg 3, its
-    search_path set to the catalog's schema (conninfo or URL accepted)."""
+    search_path set to the catalog's schema (a URL or a key=value conninfo; a socket
+    directory as host stays a query parameter)."""
     from sqlalchemy.engine import URL
 
-    params = psycopg.conninfo.conninfo_to_dict(database_url)
-    options = " ".join(x for x in (params.pop("options", None), f"-c search_path={CATALOG_SCHEMA}") if x)
+    params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(database_url).items()}
+    params["options"] = " ".join(x for x in (params.get("options"), f"-c search_path={CATALOG_SCHEMA}") if x)
+    host = params.pop("host", None)
+    if host and (host.startswith("/") or "," in host):
+        params["host"], host = host, None
     return URL.create(
-        "postgresql+psycopg", username=params.pop("user", None), password=params.pop("password", None),
-        host=params.pop("host", None), port=int(params.pop("port")) if params.get("port") else None,
-        database=params.pop("dbname", None), query={**{k: str(v) for k, v in params.items()}, "options": options},
+        "postgresql+psycopg", username=params.pop("user", None), password=params.pop("password", None), host=host,
+        port=int(params.pop("port")) if params.get("port") and host else None,
+        database=params.pop("dbname", None), query=params,
     ).render_as_string(hide_password=False)
 
 
