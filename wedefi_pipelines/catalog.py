@@ -27,6 +27,11 @@ from wedefi_pipelines import partitioning as p
 ChildStatus = Literal["attached", "detached", "absent"]
 DefaultMode = Literal["count", "probe", "skip"]
 
+# The Parquet layout the archive writes (docs/tiering.md, "Type policy"): 2 = ids as text,
+# timestamps in microseconds without time-zone adjustment; 1 = before issue 14 (Parquet
+# UUID ids, UTC-adjusted milliseconds), rewritten by tiering/upgrade.py.
+ARCHIVE_FORMAT = 2
+
 
 @dataclass(frozen=True)
 class ArchiveObject:
@@ -38,6 +43,25 @@ class ArchiveObject:
     size_bytes: int
     sha256: str
     crc64nvme: str
+    content_hash: int = 0
+    min_time: datetime | None = None
+    max_time: datetime | None = None
+    format_version: int = ARCHIVE_FORMAT
+    iceberg_snapshot_id: int | None = None  # the Iceberg snapshot that added it; None: not in the table
+
+    @property
+    def legacy(self) -> bool:
+        """Written in an older Parquet layout: to be rewritten before it can join the Iceberg table."""
+        return self.format_version < ARCHIVE_FORMAT
+
+    @property
+    def registered(self) -> bool:
+        return self.iceberg_snapshot_id is not None
+
+    @property
+    def to_register(self) -> bool:
+        """Belongs in the Iceberg table and is not there yet (an empty object has nothing to add)."""
+        return not self.legacy and not self.registered and self.rows > 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,16 @@ class MonthState:
     @property
     def next_part(self) -> int:
         return max((o.part for o in self.objects), default=-1) + 1
+
+    @property
+    def legacy_objects(self) -> list[ArchiveObject]:
+        """Objects of an archived month still in an older Parquet layout (to upgrade)."""
+        return [o for o in self.objects if o.legacy] if self.archived else []
+
+    @property
+    def unregistered_objects(self) -> list[ArchiveObject]:
+        """Objects of an archived month that belong in its Iceberg table and are not there."""
+        return [o for o in self.objects if o.to_register] if self.archived else []
 
 
 @dataclass(frozen=True)
@@ -194,9 +228,12 @@ def _archive(conn: psycopg.Connection, table: p.RangeTable, months: Sequence[dat
             sql.Identifier(p.archive_metadata_name(table))) + where, params)}
     objects: dict[date, list[ArchiveObject]] = {}
     for m, *fields in conn.execute(sql.SQL(
-            "SELECT month_year, object_key, part, record_count, size_bytes, sha256, crc64nvme FROM {}").format(
+            "SELECT month_year, object_key, part, record_count, size_bytes, sha256, crc64nvme, content_hash, min_time,"
+            " max_time, format_version, iceberg_snapshot_id FROM {}").format(
             sql.Identifier(p.archive_objects_name(table))) + where + sql.SQL(" ORDER BY month_year, part"), params):
-        objects.setdefault(p.parse_month(m), []).append(ArchiveObject(*fields))
+        key, part, rows, size, sha, crc, content, low, high, version, snapshot = fields
+        objects.setdefault(p.parse_month(m), []).append(ArchiveObject(
+            key, part, int(rows), int(size), sha, crc, int(content), low, high, int(version), snapshot))
     return meta, objects
 
 

@@ -1,5 +1,6 @@
 """The cold archive on the real stack: PostgreSQL primary + replicas, moto S3 over HTTP."""
 
+import json
 from datetime import datetime, timedelta
 
 import psycopg
@@ -53,8 +54,11 @@ def test_a_cold_month_is_exported_verified_recorded_and_dropped(db, cold_price_m
     parquet = pq.ParquetFile(f"/tmp/{db.name}.parquet")
     schema = parquet.schema_arrow
     assert schema.field("priceUsd").type == pa.decimal128(36, 18)
-    assert schema.field("recordedAt").type == pa.timestamp("ms", tz="UTC")
-    assert not schema.field("id").nullable
+    assert schema.field("recordedAt").type == pa.timestamp("us")  # no time zone: PostgreSQL's wall time
+    assert schema.field("id").type == pa.string() and not schema.field("id").nullable
+    logical = json.loads(parquet.schema.column(schema.get_field_index("recordedAt")).logical_type.to_json())
+    assert (logical["Type"], logical["isAdjustedToUTC"], logical["timeUnit"]) == ("Timestamp", False, "microseconds")
+    assert parquet.schema_arrow.metadata[b"wedefi.format_version"] == b"2"
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     assert parquet.metadata.num_rows == rows and local.size == size
     table = parquet.read()
@@ -235,24 +239,27 @@ def test_history_rejects_an_empty_range(db):
         price_history(database, store_for(db), "tok-1", datetime(2025, 2, 1), datetime(2025, 1, 1))
 
 
-def test_ids_that_are_not_all_uuids_are_archived_as_text(db):
-    """UUID ids are stored as Parquet UUID; one id that is not a canonical UUID, even past the
-    rows the choice was made on, makes the whole file keep them as text, exactly."""
+def test_ids_are_archived_as_the_text_postgresql_holds(db):
+    """Ids stay text whatever they look like (UUIDs, upper case, anything else): every engine
+    reads and joins them as strings, and the restore brings back the same text."""
     month = months_ago(16)
     with psycopg.connect(db.url) as conn:
         seed_reference(conn)
-        rows = load_prices(conn, month, step="1 hour")
-        assert rows > 2000
+        load_prices(conn, month, step="1 hour")
         conn.execute("""INSERT INTO "PriceSnapshot" (id, "tokenId", "priceUsd", source, "recordedAt")
-                        VALUES ('Not-A-UUID', 'tok-3', 1, 'zz', %s)""", (p.month_bounds(month)[1] - timedelta(minutes=1),))
+                        VALUES ('Not-A-UUID', 'tok-3', 1, 'zz', %s), ('5F0C0000-0000-4000-8000-00000000000A', 'tok-3',
+                                2, 'zz', %s)""",
+                     (p.month_bounds(month)[1] - timedelta(minutes=1), p.month_bounds(month)[0]))
         conn.commit()
         before = rows_of(conn, "PriceSnapshot")
+        ids = sorted(r[0] for r in conn.execute('SELECT id FROM "PriceSnapshot"'))
     store = store_for(db)
     with db.database() as database:
         outcome = Archiver(database, store).archive_month("PriceSnapshot", month)
-        assert outcome.parts[0].uuid_columns == ()
         store.download(outcome.parts[0].key, f"/tmp/{db.name}.parquet")
-        assert pq.read_schema(f"/tmp/{db.name}.parquet").field("id").type == pa.string()
+        table = pq.read_table(f"/tmp/{db.name}.parquet")
+        assert table.schema.field("id").type == pa.string()
+        assert sorted(table.column("id").to_pylist()) == ids
         restore_month(database, store, "PriceSnapshot", month)
     with db.connect() as conn:
         assert rows_of(conn, "PriceSnapshot") == before

@@ -14,6 +14,7 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStoreError
 from wedefi_pipelines.settings import Settings
 from wedefi_pipelines.tiering.archive import Archiver, VerificationError
+from wedefi_pipelines_tests.iceberg_support import NAMESPACE, catalog_row, month_files, plain_catalog
 from wedefi_pipelines_tests.slow_archive_defs import PAUSE_ENV
 from wedefi_pipelines_tests.test_tiering_support import (CuttingProxy, assert_nothing_lost, load_prices,
                                                          metadata_rows, month_content, months_ago, object_rows,
@@ -46,6 +47,9 @@ def _archived_once(db, store, month, original, tmp_path) -> None:
         recorded = [r[0] for r in object_rows(conn, "PriceSnapshot")]
     assert store.list_keys(store.month_prefix("PriceSnapshot", month)) == recorded and len(recorded) == 1
     assert_nothing_lost(db, store, "PriceSnapshot", month, original, tmp_path)
+    # registered in the Iceberg table exactly once, whatever crashed before
+    files = month_files(plain_catalog(db, store).load_table((NAMESPACE, "PriceSnapshot")))
+    assert files == {month: {store.uri(recorded[0]): original.count}}
 
 
 def test_s3_unreachable_in_the_middle_of_the_upload(db, cold_month, tmp_path):
@@ -93,10 +97,12 @@ def test_an_object_damaged_after_its_upload_fails_verification_and_is_redone(db,
     _archived_once(db, store, month, original, tmp_path)
 
 
-@pytest.mark.parametrize("step", ["frozen", "exported", "uploaded", "verified", "recorded"])
+@pytest.mark.parametrize("step", ["frozen", "exported", "uploaded", "verified", "recorded", "registered"])
 def test_a_run_killed_after_any_step_is_completed_by_a_rerun(db, cold_month, tmp_path, step):
     """`uploaded`: the object is on S3, no metadata yet; `recorded`: the metadata rows are
-    written but the DROP is not (one transaction: the kill rolls the metadata back)."""
+    written but the DROP is not; `registered`: the Iceberg table's new metadata file is
+    written and its metadata_location swapped, the DROP not yet (one transaction: the kill
+    rolls metadata and swap back, leaving at most an unreferenced metadata file)."""
     month, original = cold_month
     store = store_for(db)
     env = {**os.environ, **db.env, "ARCHIVE_PREFIX": f"t/{db.name}"}
@@ -107,7 +113,10 @@ def test_a_run_killed_after_any_step_is_completed_by_a_rerun(db, cold_month, tmp
         assert metadata_rows(conn, "PriceSnapshot") == [] and object_rows(conn, "PriceSnapshot") == []
         assert not month_ops.is_attached(conn, p.PRICE_SNAPSHOT, month)  # frozen before the kill
     leftovers = store.list_keys(store.month_prefix("PriceSnapshot", month))
-    assert len(leftovers) == (1 if step in ("uploaded", "verified", "recorded") else 0)
+    assert len(leftovers) == (1 if step in ("uploaded", "verified", "recorded", "registered") else 0)
+    location, _ = catalog_row(db, "PriceSnapshot")
+    if location is not None:  # the table may exist (created before the transaction), with nothing in it
+        assert month_files(plain_catalog(db, store).load_table((NAMESPACE, "PriceSnapshot"))) == {}
     assert_nothing_lost(db, store, "PriceSnapshot", month, original, tmp_path)
     with db.database() as database:
         assert Archiver(database, store).archive_month("PriceSnapshot", month).action == "archived"

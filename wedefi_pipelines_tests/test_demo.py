@@ -34,9 +34,16 @@ def test_the_demo_materializes_everything_and_its_summary_shows_every_tier_and_t
                      r"part-\d+\.parquet\s+[\d,]+ B", out)
     assert len(re.findall(r"^\s+PriceSnapshot\s+\S+\s+[\d,]+ rows\s+warm", out, flags=re.M)) >= 10
 
-    # the cross-tier read joined the archive and PostgreSQL
-    history = re.search(r"(\d+) rows: (\d+) from S3 \(.*\), (\d+) from PostgreSQL", out)
-    assert history and int(history[2]) > 0 and int(history[3]) > 0
+    # the archived month is in its Iceberg table, with the archive's row count
+    iceberg = re.search(rf"wedefi\.PriceSnapshot\s+partitioned by month\(recordedAt\): {cold[0][0]} ([\d,]+) rows in 1 file",
+                        out)
+    assert iceberg and iceberg[1] == cold[0][1], out[-3000:]
+    assert re.search(r"s3://wedefi-archive/archive/_iceberg/PriceSnapshot/metadata/\S+\.metadata\.json", out)
+
+    # the cross-tier read joined the archive, read through the Iceberg table, and PostgreSQL
+    history = re.search(r"(\d+) rows: (\d+) from S3 \(.*\) through the Iceberg table wedefi\.PriceSnapshot "
+                        r"snapshot \d+, 1 file\(s\), (\d+) from PostgreSQL", out)
+    assert history and int(history[2]) > 0 and int(history[3]) > 0, out[-3000:]
     assert int(history[1]) == int(history[2]) + int(history[3])
 
     # a portfolio key per wallet of the demo's market (200), within its 300 s TTL

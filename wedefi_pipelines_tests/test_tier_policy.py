@@ -95,8 +95,10 @@ def _typmod(precision: int, scale: int) -> int:
 def test_columns_map_to_exact_arrow_types_or_are_refused_by_name():
     assert column_spec("T", "p", "numeric", _typmod(36, 18), "numeric(36,18)", True).arrow_type == pa.decimal128(36, 18)
     ts = column_spec("T", "t", "timestamp", 3, "timestamp(3) without time zone", False)
-    assert ts.arrow_type == pa.timestamp("ms", tz="UTC") and ts.nullable and ts.csv_type == pa.timestamp("ms")
-    assert column_spec("T", "t", "timestamp", -1, "timestamp", True).arrow_type == pa.timestamp("us", tz="UTC")
+    # the type policy: microseconds without time-zone adjustment (Iceberg's `timestamp`), whatever the precision
+    assert ts.arrow_type == pa.timestamp("us") and ts.nullable and ts.csv_type == pa.timestamp("us")
+    assert column_spec("T", "t", "timestamp", -1, "timestamp", True).arrow_type == pa.timestamp("us")
+    assert column_spec("T", "s", "int2", -1, "smallint", True).arrow_type == pa.int32()  # Iceberg has no int16
     assert column_spec("T", "m", "jsonb", -1, "jsonb", False).kind == "jsonb"
     with pytest.raises(UnsupportedColumn, match='"T"."x" \\(numeric\\): numeric without precision'):
         column_spec("T", "x", "numeric", -1, "numeric", False)
@@ -174,3 +176,32 @@ def test_a_straddling_month_needs_its_newest_row_read():
         decide(state, NOW, Settings())
     assert needs_newest(NOW, Settings())(p.PRICE_SNAPSHOT, date(2025, 6, 1))
     assert not needs_newest(NOW, Settings())(p.PRICE_SNAPSHOT, date(2025, 1, 1))
+
+
+def test_archived_months_with_objects_to_upgrade_or_register_are_due_for_the_schedule():
+    """Format-1 objects (issue 14) and objects missing from the Iceberg table make the
+    month's cold_archive due; empty objects and registered ones do not."""
+    from wedefi_pipelines.catalog import ArchiveObject
+
+    month = date(2024, 9, 1)
+
+    def obj(part, rows, version=2, snapshot=None):
+        return ArchiveObject(f"k/{part}", part, rows, 10, "s", "c", format_version=version, iceberg_snapshot_id=snapshot)
+
+    def state(*objects, table="PriceSnapshot"):
+        return MonthState(table, month, archive_status="archived", archived_rows=1, objects=objects)
+
+    done = state(obj(0, 5, snapshot=7), obj(1, 0))  # an empty part is never registered: nothing to count
+    assert decide(done, NOW, Settings()).action is Action.NONE
+    legacy = state(obj(0, 5, version=1), obj(1, 2, snapshot=7))
+    assert legacy.legacy_objects == [obj(0, 5, version=1)] and legacy.unregistered_objects == []
+    decision = decide(legacy, NOW, Settings())
+    assert decision.action is Action.ARCHIVE and decision.scheduled and "format-1" in decision.reason
+    pending = state(obj(0, 5, snapshot=7), obj(1, 2))
+    assert "not in the Iceberg table yet" in decide(pending, NOW, Settings()).reason
+    assert due_months([done, legacy], NOW, Settings()).cold == [month]
+    # a group is due when any member has work left
+    portfolio, positions = state(obj(0, 5, snapshot=7), table="PortfolioSnapshot"), state(obj(0, 3), table="PositionSnapshot")
+    assert decide_group([portfolio, positions], NOW, Settings()).action is Action.ARCHIVE
+    restored = MonthState("PriceSnapshot", month, child="attached", archive_status="restored", objects=(obj(0, 5),))
+    assert restored.unregistered_objects == []  # a restored month's objects are out of the table on purpose

@@ -55,7 +55,8 @@ def test_a_month_range_of_both_assets_materializes_skipping_what_is_not_due(db_e
         assert month_ops.attached_months(conn, p.PRICE_SNAPSHOT) == [history["warm"], history["hot"]]
     checks = dg.materialize([cold_archive], partition_key=p.partition_key(history["cold"]), resources=_resources(db_env))
     evaluations = {c.check_name: c.passed for c in checks.get_asset_check_evaluations()}
-    assert evaluations == {"archive_metadata_consistent": True, "archived_months_have_no_late_rows": True}
+    assert evaluations == {"archive_metadata_consistent": True, "archived_months_have_no_late_rows": True,
+                           "iceberg_tables_match_archive": True}
 
 
 def test_the_checks_turn_red_for_a_missing_object_and_late_rows_while_the_run_stays_green(db_env, history):

@@ -42,7 +42,7 @@ from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
 from wedefi_pipelines.resources.database import Database, DatabaseResource
 from wedefi_pipelines.tiering.history import price_history
-from wedefi_pipelines.tiering.report import format_tiers, month_tiers
+from wedefi_pipelines.tiering.report import format_tiers, iceberg_lines, month_tiers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 HISTORY_MONTHS = 14
@@ -208,6 +208,8 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
         tiers = month_tiers(db, store)
         print("tiers (hot < 30 days, warm to 1 year, cold beyond: Parquet on S3):")
         say(format_tiers(tiers))
+        print("Iceberg tables (catalog 'wedefi' in PostgreSQL, schema iceberg_catalog; any engine reads them):")
+        say("\n".join(iceberg_lines(db, store)))
         archived = sorted({m.month for m in tiers if m.objects and m.table == "PriceSnapshot"})
         if archived:
             month = archived[-1]
@@ -220,7 +222,9 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
             print(f"cross-tier read: {token[1]} from {start:%Y-%m-%d} to {end:%Y-%m-%d} "
                   f"(`wedefi-pipelines history --token {token[0]} --start {start:%Y-%m-%d} --end {end:%Y-%m-%d}`)")
             months = ", ".join(p.month_year(m) for m in history.archived_months)
-            say(f"{history.rows.num_rows} rows: {history.from_archive} from S3 ({months}), "
+            through = f" through the Iceberg table {history.iceberg}, {history.iceberg_files} file(s)" \
+                if history.iceberg else ""
+            say(f"{history.rows.num_rows} rows: {history.from_archive} from S3 ({months}){through}, "
                 f"{history.from_postgres} from PostgreSQL ({history.server})")
     client = connect_redis(env["REDIS_URL"])
     counts = count_keys(client)

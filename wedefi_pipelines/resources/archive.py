@@ -1,6 +1,11 @@
 """The cold tier's object store: Parquet objects on S3 under a Hive-style month layout.
 
     s3://$ARCHIVE_BUCKET/$ARCHIVE_PREFIX/<Table>/year=YYYY/month=MM/part-00000.parquet
+    s3://$ARCHIVE_BUCKET/$ARCHIVE_PREFIX/_iceberg/<Table>/metadata/...   the Iceberg tables' metadata
+    s3://$ARCHIVE_BUCKET/$ARCHIVE_PREFIX/_staging/<Table>/year=YYYY/...   replacements being verified
+
+The `_iceberg` and `_staging` folders sit beside the table folders, not inside them, so a
+reader that globs a table's folder never sees metadata or a second copy of an object.
 
 `ArchiveStore` is plain Python (assets, the CLI's `history`, benchmarks and tests share
 it); `ArchiveStoreResource` is the Dagster resource "archive", which reads the
@@ -38,6 +43,8 @@ _HELP = {
     ENV_PREFIX: "the key prefix under which the cold tier's tables live, e.g. 'archive'",
 }
 _CHUNK = 8 * 1024 * 1024
+ICEBERG_DIR = "_iceberg"
+STAGING_DIR = "_staging"
 
 
 class ArchiveStoreError(RuntimeError):
@@ -116,6 +123,24 @@ class ArchiveStore:
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of an s3://bucket/key URI of this store's bucket."""
+        head = f"s3://{self.bucket}/"
+        if not uri.startswith(head):
+            raise ValueError(f"{uri} is not in the archive bucket s3://{self.bucket}/")
+        return uri[len(head):]
+
+    def iceberg_location(self, table: str | None = None) -> str:
+        """Where the Iceberg tables keep their metadata (outside the Hive table folders)."""
+        base = f"s3://{self.bucket}/{self.prefix}/{ICEBERG_DIR}"
+        return f"{base}/{table}" if table else base
+
+    def staging_key(self, key: str) -> str:
+        """Where a replacement of the object at `key` is written and verified before it is swapped in."""
+        if not key.startswith(self.prefix + "/"):
+            raise ValueError(f"{key} is not under the archive prefix {self.prefix}/")
+        return f"{self.prefix}/{STAGING_DIR}/{key[len(self.prefix) + 1:]}"
 
     def where(self) -> str:
         endpoint = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -203,6 +228,21 @@ class ArchiveStore:
             raise self._fail("download", key, exc) from exc
         return FileDigest(size, sha.hexdigest(), crc64nvme_b64(crc))
 
+    def copy(self, source: str, dest: str) -> None:
+        """Server-side copy (multipart above 5 GB), with a fresh CRC64NVME full-object
+        checksum and the source's metadata: S3 replaces `dest` atomically, so a reader
+        sees the old object or the new one, never a mix."""
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        chunk = self.settings.archive.multipart_chunk_mb * 1024 * 1024
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, dest,
+                             ExtraArgs={"ChecksumAlgorithm": "CRC64NVME", "MetadataDirective": "COPY"},
+                             Config=TransferConfig(multipart_threshold=max(chunk, 5 * 1024 ** 3)))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(f"copy from {self.uri(source)}", dest, exc) from exc
+
     def list_keys(self, prefix: str) -> list[str]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -227,6 +267,12 @@ class ArchiveStore:
             if result.get("Errors"):
                 raise ArchiveStoreError(f"S3 refused to delete {result['Errors']}")
 
+    def _frozen_credentials(self):
+        import boto3
+
+        credentials = boto3.session.Session(**self.credentials).get_credentials()  # what boto3 uses
+        return credentials.get_frozen_credentials() if credentials is not None else None
+
     def arrow_filesystem(self):
         """pyarrow's S3 filesystem on the same endpoint (it ignores AWS_ENDPOINT_URL_S3)."""
         from pyarrow import fs
@@ -238,13 +284,24 @@ class ArchiveStore:
             parsed = urlparse(self.endpoint_url)
             kwargs["endpoint_override"] = parsed.netloc or parsed.path
             kwargs["scheme"] = parsed.scheme or "https"
-        import boto3
-
-        credentials = boto3.session.Session(**self.credentials).get_credentials()  # what boto3 uses
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
+        frozen = self._frozen_credentials()
+        if frozen is not None:
             kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         return fs.S3FileSystem(**kwargs)
+
+    def iceberg_properties(self) -> dict[str, str]:
+        """pyiceberg's S3 FileIO properties for the same endpoint, region and credentials."""
+        props = {"s3.region": self.region,
+                 "s3.connect-timeout": str(self.settings.archive.s3_connect_timeout_s),
+                 "s3.request-timeout": str(self.settings.archive.s3_read_timeout_s)}
+        if self.endpoint_url:
+            props["s3.endpoint"] = self.endpoint_url
+        frozen = self._frozen_credentials()
+        if frozen is not None:
+            props.update({"s3.access-key-id": frozen.access_key, "s3.secret-access-key": frozen.secret_key})
+            if frozen.token:
+                props["s3.session-token"] = frozen.token
+        return props
 
 
 class ArchiveStoreResource(dg.ConfigurableResource):

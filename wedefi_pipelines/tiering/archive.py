@@ -14,8 +14,16 @@ with "PositionSnapshot"), under the month's advisory lock, in steps that can eac
              with a CRC64NVME full-object checksum and our SHA-256 in its metadata.
   verified   the object is proven to hold exactly the exported rows (verify.py).
   recorded   one transaction checks the frozen tables still hold the exported row counts,
-             writes "<Table>_archive_objects" and "<Table>_archive_metadata", and DROPs the
-             frozen tables: the metadata and the drop commit together or not at all.
+             writes "<Table>_archive_objects" and "<Table>_archive_metadata",
+  registered adds the new objects to the table's Apache Iceberg table (iceberg.py: the
+             catalog lives in this database, so its metadata_location swap is part of
+             the same transaction),
+  dropped    and DROPs the frozen tables: metadata, registration and drop commit together
+             or not at all.
+
+After the month's own work (or alone, for a month archived earlier): its objects in the
+format-1 Parquet layout are rewritten, verified and swapped in (upgrade.py), and any
+object not in the Iceberg table yet is registered.
 
 Whether a month is due is the catalog's state and `policy.decide_group`'s answer. A
 re-run resumes from whatever is left: frozen tables are exported again (they are the
@@ -43,6 +51,7 @@ from psycopg import sql
 
 from wedefi_pipelines import catalog, locks, month_ops
 from wedefi_pipelines import partitioning as p
+from wedefi_pipelines.catalog import ARCHIVE_FORMAT, MonthState
 from wedefi_pipelines.procstats import peak_rss_mb, reset_peak_rss
 from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreError, file_digest
 from wedefi_pipelines.resources.database import Database
@@ -52,11 +61,13 @@ from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns
 from wedefi_pipelines.tiering.copy_out import CopyOutError
 from wedefi_pipelines.tiering.export import HASH_FORMAT, ArchiveError, Part, export_relation, parquet_writer
 from wedefi_pipelines.tiering.policy import NO_CHILD, Action, Tier, decide_group, group_tables, needs_newest
+from wedefi_pipelines.tiering.upgrade import FORMAT_METADATA, Upgrade, upgrade_object
 from wedefi_pipelines.tiering.verify import VerificationError, read_back, verify_part  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-STEPS = ("frozen", "exported", "uploaded", "verified", "recorded", "dropped")
+STEPS = ("frozen", "exported", "uploaded", "verified", "recorded", "registered", "dropped")
+UPGRADE_STEPS = ("staged", "swapped", "upgraded")
 EXPORT_APPLICATION = "wedefi-pipelines:archive-export"
 
 
@@ -71,6 +82,8 @@ class ArchiveOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float | None = None
     swept: list[str] = field(default_factory=list)
+    registered: dict[str, int] = field(default_factory=dict)  # table -> objects added to its Iceberg table
+    upgraded: list[Upgrade] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -93,6 +106,12 @@ class ArchiveOutcome:
                 meta["rows_per_s"] = round(self.rows / self.seconds["total"])
             if self.peak_rss_mb is not None:
                 meta["peak_rss_mb"] = round(self.peak_rss_mb, 1)
+        if self.registered:
+            meta["registered_in_iceberg"] = self.registered
+        if self.upgraded:
+            meta["upgraded_objects"] = [f"{store.uri(u.key)} ({u.rows} rows, {u.bytes_before} -> {u.bytes_after} B)"
+                                        for u in self.upgraded]
+            meta["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
         if self.swept:
             meta["removed_leftover_objects"] = self.swept
         return meta
@@ -122,6 +141,9 @@ class Archiver:
         self.log = logger or log
         self.on_step = on_step
         self.workdir = workdir or os.environ.get("WEDEFI_ARCHIVE_TMP") or None  # where exports are staged
+        from wedefi_pipelines.tiering.iceberg import ArchiveTables  # pyiceberg takes ~1 s to import: runs only
+
+        self.tables = ArchiveTables(db, store, self.settings, self.log)
 
     def _step(self, name: str, parts: list[Part]) -> None:
         if self.on_step is not None:
@@ -133,18 +155,40 @@ class Archiver:
 
     # -- steps ----------------------------------------------------------------------------
     def sweep(self, members: list[p.RangeTable], month: date) -> list[str]:
-        """Delete objects under the month's prefixes that no metadata row records."""
+        """Delete objects under the month's prefixes that no metadata row records (left by an
+        interrupted run, or superseded by the re-archive of a restored month: old Iceberg
+        snapshots that still reference those are expired first), and staged replacements
+        whose upgrade was recorded."""
         removed: list[str] = []
         for member in members:
             with self.db.connect("primary") as conn:
-                recorded = {o.key for o in catalog.month_state(conn, member, month, default_rows="skip").objects}
+                state = catalog.month_state(conn, member, month, default_rows="skip")
+            recorded = {o.key for o in state.objects}
             stray = [k for k in self.store.list_keys(self.store.month_prefix(member.name, month)) if k not in recorded]
             if stray:
-                self.log.warning("%s %s: removing %d object(s) no metadata records (left by an interrupted run): %s",
-                                 member.name, p.month_year(month), len(stray), stray)
+                self.log.warning("%s %s: removing %d object(s) no metadata records (left by an interrupted run, or "
+                                 "superseded): %s", member.name, p.month_year(month), len(stray), stray)
+                self._forget(member, stray)
                 self.store.delete(stray)
                 removed.extend(stray)
+            staged = self.store.list_keys(self.store.staging_key(self.store.month_prefix(member.name, month)))
+            in_progress = {self.store.staging_key(o.key) for o in state.objects if o.legacy}  # may be the only copy
+            leftover = [k for k in staged if k not in in_progress]
+            if leftover:
+                self.store.delete(leftover)
+                removed.extend(leftover)
         return removed
+
+    def _forget(self, member: p.RangeTable, keys: list[str]) -> None:
+        """Expire the Iceberg snapshots that reference objects about to be deleted."""
+        def body(conn: psycopg.Connection) -> None:
+            if self.tables.table_in(conn, member) is not None:
+                expired = self.tables.forget(conn, member, keys)
+                if expired:
+                    self.log.info("%s: expired Iceberg snapshot(s) %s, which referenced the objects about to be "
+                                  "deleted", member.name, expired)
+
+        month_ops.locked_transaction(self.db, [], self.policy, f"expiring {member.name} snapshots", body, self.log)
 
     def _freeze(self, members: list[p.RangeTable], month: date) -> None:
         def body(conn: psycopg.Connection) -> None:
@@ -186,7 +230,7 @@ class Archiver:
                     parquet_writer(part.path, part.table, part.month, columns, self.settings).close()
                     continue
                 try:
-                    part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
+                    part.rows, part.pg_hash, span = export_relation(
                         source, url, part.table, part.month, part.relation, columns, part.path, self.settings)
                 except CopyOutError as exc:
                     if label == "primary":
@@ -194,7 +238,7 @@ class Archiver:
                     self.log.warning("export from the %s failed (%s): retrying on the primary", label, exc)
                     source.close()
                     source, url, label = self.db.connect_caught_up("primary", 0, EXPORT_APPLICATION)
-                    part.rows, part.pg_hash, span, part.uuid_columns = export_relation(
+                    part.rows, part.pg_hash, span = export_relation(
                         source, url, part.table, part.month, part.relation, columns, part.path, self.settings)
                 part.min_time, part.max_time = span
                 self.log.info("%s %s: exported %d rows of %s to %s", part.table.name, p.month_year(part.month),
@@ -209,7 +253,7 @@ class Archiver:
             self.store.upload(part.path, part.key, part.digest, {
                 "wedefi-table": part.table.name, "wedefi-month": p.month_year(part.month),
                 "wedefi-rows": str(part.rows), "wedefi-content-hash": str(part.pg_hash.total),
-                "wedefi-hash-format": HASH_FORMAT,
+                "wedefi-hash-format": HASH_FORMAT, FORMAT_METADATA: str(ARCHIVE_FORMAT),
             })
             self.log.info("uploaded %s (%d bytes)", self.store.uri(part.key), part.digest.size)
 
@@ -228,8 +272,11 @@ class Archiver:
                     self.log.warning("could not delete the unverified object %s: %s", part.key, exc)
                 raise
 
-    def _record_and_drop(self, members: list[p.RangeTable], month: date, parts: list[Part]) -> None:
+    def _record_and_drop(self, members: list[p.RangeTable], month: date, parts: list[Part],
+                         outcome_registered: dict[str, int], seconds: dict[str, float]) -> None:
         month_year = p.month_year(month)
+        for member in members:
+            self.tables.ensure(member)  # outside the transaction: an empty table is harmless
 
         def body(conn: psycopg.Connection) -> None:
             for part in parts:
@@ -250,10 +297,11 @@ class Archiver:
                 for part in (x for x in parts if x.table.name == member.name):
                     conn.execute(sql.SQL(
                         """INSERT INTO {} (object_key, month_year, part, record_count, size_bytes, sha256,
-                                           crc64nvme, content_hash, min_time, max_time)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""").format(objects),
+                                           crc64nvme, content_hash, min_time, max_time, format_version)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""").format(objects),
                         (part.key, month_year, part.part, part.rows, part.digest.size, part.digest.sha256,
-                         part.digest.crc64nvme, part.pg_hash.total, _naive(part.min_time), _naive(part.max_time)))
+                         part.digest.crc64nvme, part.pg_hash.total, _naive(part.min_time), _naive(part.max_time),
+                         ARCHIVE_FORMAT))
                 conn.execute(sql.SQL(
                     """INSERT INTO {meta} AS m (month_year, record_count, file_path, compressed_size, archived_at,
                                                 sha256, min_time, max_time, content_hash, status, restored_at)
@@ -271,6 +319,15 @@ class Archiver:
                                               ELSE m.archived_at END""").format(meta=meta, objects=objects),
                     {"m": month_year, "path": self.store.uri(self.store.month_prefix(member.name, month))})
             self._step("recorded", parts)  # inside the transaction: a crash here rolls the rows back
+            mark = time.monotonic()
+            outcome_registered.clear()
+            for member in members:
+                pending = catalog.month_state(conn, member, month, default_rows="skip").unregistered_objects
+                if pending:
+                    self.tables.register(conn, member, month, pending)
+                    outcome_registered[member.name] = len(pending)
+            seconds["register"] = time.monotonic() - mark
+            self._step("registered", parts)  # still inside: a crash here rolls metadata and registration back
             for part in parts:
                 if part.relation is not None:
                     month_ops.drop_relation(conn, part.relation)
@@ -278,9 +335,49 @@ class Archiver:
         month_ops.locked_transaction(self.db, members, self.policy, f"recording {members[0].group} {month_year}",
                                      body, self.log)
 
+    def upkeep(self, members: list[p.RangeTable], month: date, outcome: "ArchiveOutcome") -> None:
+        """For an archived month: rewrite its format-1 objects (upgrade.py), then register
+        every object the Iceberg tables do not hold yet (one transaction per table)."""
+        with self.db.connect("primary") as conn:
+            states = {m.name: catalog.month_state(conn, m, month, default_rows="skip") for m in members}
+        if not any(s.legacy_objects or s.unregistered_objects for s in states.values()):
+            return
+        for member in members:
+            self.tables.ensure(member)
+        mark = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="wedefi-upgrade-", dir=self.workdir) as tmp:
+            for member in members:
+                columns = self._columns(member)
+                for obj in states[member.name].legacy_objects:
+                    outcome.upgraded.append(upgrade_object(
+                        self.db, self.store, self.tables, member, month, obj, columns, self.settings, Path(tmp),
+                        self.policy, self._step, self.log))
+        if outcome.upgraded:
+            outcome.seconds["upgrade"] = time.monotonic() - mark
+        mark = time.monotonic()
+        for member in members:
+            def body(conn: psycopg.Connection, member: p.RangeTable = member) -> int:
+                pending = catalog.month_state(conn, member, month, default_rows="skip").unregistered_objects
+                if pending:
+                    self.tables.register(conn, member, month, pending)
+                    self._step("registered", [])
+                return len(pending)
+
+            added = month_ops.locked_transaction(self.db, [], self.policy,
+                                                 f"registering {member.name} {p.month_year(month)}", body, self.log)
+            if added:
+                outcome.registered[member.name] = outcome.registered.get(member.name, 0) + added
+        outcome.seconds["register"] = outcome.seconds.get("register", 0.0) + time.monotonic() - mark
+
     # -- entry point ----------------------------------------------------------------------
     def archive_month(self, table: p.RangeTable | str, month: date, now: datetime | None = None) -> ArchiveOutcome:
         """Archive (or resume archiving) the month of `table`'s archive group, if it is due."""
+        try:
+            return self._archive_month(table, month, now)
+        finally:
+            self.tables.close()  # the catalog's SQLAlchemy engine: no pooled connection outlives the run
+
+    def _archive_month(self, table: p.RangeTable | str, month: date, now: datetime | None) -> ArchiveOutcome:
         members = group_tables(table)
         group = members[0].group
         month = p.month_of(month)
@@ -288,10 +385,19 @@ class Archiver:
         with locks.tier_month_lock(self.db, group, p.month_year(month), self.policy, self.log):
             with self.db.connect("primary") as conn:
                 states = catalog.group_states(conn, group, month, newest=needs_newest(now, self.settings))
-            skip = skip_reason(decide_group(states, now, self.settings))
+            decision = decide_group(states, now, self.settings)
+            skip = skip_reason(decision)
             if skip is not None:
                 swept = self.sweep(members, month) if skip.startswith("already archived") else []
                 return ArchiveOutcome(group, month, "skipped", skip, swept=swept)
+            if all(_only_upkeep(s) for s in states):
+                outcome = ArchiveOutcome(group, month, "upgraded", decision.reason)
+                started = time.monotonic()
+                self.upkeep(members, month, outcome)
+                outcome.swept = self.sweep(members, month)
+                outcome.seconds["total"] = time.monotonic() - started
+                outcome.action = "upgraded" if outcome.upgraded else "registered"
+                return outcome
             started = time.monotonic()
             seconds: dict[str, float] = {}
             swept = self.sweep(members, month)
@@ -316,16 +422,24 @@ class Archiver:
                 self._step("verified", parts)
                 peak = peak_rss_mb()
             mark = time.monotonic()
-            self._record_and_drop(members, month, parts)
+            registered: dict[str, int] = {}
+            self._record_and_drop(members, month, parts, registered, seconds)
             seconds["record_and_drop"] = time.monotonic() - mark
             self._step("dropped", parts)
-            swept += self.sweep(members, month)
-            seconds["total"] = time.monotonic() - started
             late_only = all(x.relation and x.relation.endswith("_late") for x in parts)
             reason = "late rows of an archived month" if late_only else "cold"
+            outcome = ArchiveOutcome(group, month, "archived", reason, parts, source, seconds, peak, swept, registered)
+            self.upkeep(members, month, outcome)  # format-1 objects of the month, if any
+            outcome.swept += self.sweep(members, month)
+            seconds["total"] = time.monotonic() - started
             self.log.info("%s %s archived: %d rows in %d object(s), %d bytes, %.1fs", group, p.month_year(month),
                           sum(x.rows for x in parts), len(parts), sum(x.digest.size for x in parts), seconds["total"])
-            return ArchiveOutcome(group, month, "archived", reason, parts, source, seconds, peak, swept)
+            return outcome
+
+
+def _only_upkeep(state: MonthState) -> bool:
+    """The month is archived and nothing of it waits in PostgreSQL: only its objects need work."""
+    return state.archived and not state.attached and not state.frozen and not state.has_default_rows
 
 
 def _naive(value: datetime | None) -> datetime | None:

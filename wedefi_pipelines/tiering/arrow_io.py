@@ -186,51 +186,19 @@ def find_unrepresentable(conn: psycopg.Connection, relation: str, columns: list[
     return None
 
 
-# -- UUID text stored as Parquet UUID -------------------------------------------------------------
-# A random UUID is 16 bytes of entropy; as 36 characters of text it costs ~21 bytes a row
-# even after zstd, most of an archived price row. So the row key "id", when every value of
-# a file is a canonical lowercase UUID (what Prisma and gen_random_uuid() produce), is
-# stored as Parquet's UUID type, and printed back to the identical text when read; any
-# other value keeps the whole file's column as text.
+# -- objects of the first archive format (before issue 14) ------------------------------------------
+# They stored the row key "id" as Parquet UUID when every value of the file was a canonical
+# UUID (Spark refuses that type, polars reads 16 raw bytes) and timestamps as UTC-adjusted
+# milliseconds (engines then shift rows by their session's time zone). They are still read
+# (restore, the upgrade that rewrites them, the cross-tier read until then) by converting
+# them to the current types here.
 
-UUID_COLUMNS = ("id",)
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_NIBBLE = np.zeros(256, dtype=np.uint8)
-_NIBBLE[_HEX] = np.arange(16, dtype=np.uint8)
-_IS_HEX = np.zeros(256, dtype=bool)
-_IS_HEX[_HEX] = True  # lowercase only: uppercase text would not print back identically
-_DASH_AT = np.array([8, 13, 18, 23])
 _HEX_AT = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
-
-
-def uuid_type() -> pa.DataType | None:
-    return pa.uuid() if hasattr(pa, "uuid") else None  # pyarrow >= 18
 
 
 def is_uuid(dtype: pa.DataType) -> bool:
     return isinstance(dtype, pa.BaseExtensionType) and dtype.extension_name == "arrow.uuid"
-
-
-def uuids_from_text(values: pa.Array) -> pa.Array | None:
-    """Canonical UUID text as arrow.uuid, or None if any value is not one (or is null)."""
-    if uuid_type() is None or values.null_count:
-        return None
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    values = values.cast(pa.large_string())
-    n = len(values)
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset:values.offset + n + 1]
-    if n and not (np.diff(offsets) == 36).all():
-        return None
-    first = int(offsets[0]) if n else 0
-    text = (np.frombuffer(values.buffers()[2], dtype=np.uint8)[first:first + 36 * n].reshape(n, 36) if n
-            else np.zeros((0, 36), np.uint8))
-    if not (_IS_HEX[text[:, _HEX_AT]].all() and (text[:, _DASH_AT] == ord("-")).all()):
-        return None
-    nibbles = _NIBBLE[text[:, _HEX_AT]]
-    raw = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
-    storage = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(raw.tobytes())])
-    return pa.ExtensionArray.from_storage(uuid_type(), storage)
 
 
 def uuids_to_text(values: pa.Array) -> pa.Array:
@@ -254,6 +222,19 @@ def text_columns(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     """The batch with every arrow.uuid column printed back to text."""
     arrays = [uuids_to_text(col) if is_uuid(field.type) else col for field, col in zip(batch.schema, batch.columns)]
     return pa.Table.from_arrays(arrays, names=batch.schema.names)
+
+
+def current_types(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch of any archive format as the current one (`schema`): UUIDs printed back to
+    text, UTC-adjusted timestamps made naive (the same UTC wall time) in microseconds."""
+    batch = text_columns(batch)
+    arrays = []
+    for target in schema:
+        column = batch.column(target.name)
+        if pa.types.is_timestamp(column.type) and column.type.tz is not None:
+            column = column.cast(pa.timestamp(column.type.unit))
+        arrays.append(column.cast(target.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def copy_in_csv(batch: pa.RecordBatch | pa.Table) -> bytes:

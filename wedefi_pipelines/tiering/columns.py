@@ -1,9 +1,14 @@
-"""Exact Parquet types for PostgreSQL columns, read from the catalog.
+"""Exact Parquet types for PostgreSQL columns, read from the catalog: the archive's type policy.
 
-The archive never rounds: numeric(p,s) becomes decimal128(p,s), `timestamp(3)` becomes a
-UTC timestamp in milliseconds, jsonb keeps PostgreSQL's own text. A column type with no
-exact Arrow equivalent (unconstrained numeric, float, ...) is refused by name before
-anything is exported.
+The archive never rounds, and every engine (Spark, Trino/Athena, DuckDB, polars, pyarrow,
+and Iceberg readers) must read the same values (docs/tiering.md has the table):
+numeric(p,s) becomes decimal128(p,s) (p <= 38: Athena's and Spark's limit); `timestamp(3)`
+a timestamp in microseconds *without* time-zone adjustment (Parquet isAdjustedToUTC=false,
+Iceberg's `timestamp`): PostgreSQL's naive wall time, which already holds UTC, so no
+engine shifts it by its session's time zone and every row stays in the month PostgreSQL
+had it in; text and ids stay text; jsonb keeps PostgreSQL's own text; int2 widens to
+int32 (Iceberg has no 16-bit integer). A column type with no exact Arrow equivalent
+(unconstrained numeric, float, ...) is refused by name before anything is exported.
 """
 
 from __future__ import annotations
@@ -33,9 +38,7 @@ class ArchiveColumn:
 
     @property
     def csv_type(self) -> pa.DataType:
-        """What the CSV reader parses the column into (timestamps without zone, made UTC after)."""
-        if pa.types.is_timestamp(self.arrow_type):
-            return pa.timestamp(self.arrow_type.unit)
+        """What the CSV reader parses the column into."""
         return self.arrow_type
 
 
@@ -44,7 +47,7 @@ _SIMPLE = {
     "varchar": ("text", pa.string()),
     "jsonb": ("jsonb", pa.string()),
     "json": ("jsonb", pa.string()),
-    "int2": ("int2", pa.int16()),
+    "int2": ("int2", pa.int32()),  # widened: Iceberg and Athena have no 16-bit integer
     "int4": ("int4", pa.int32()),
     "int8": ("int8", pa.int64()),
     "bool": ("bool", pa.bool_()),
@@ -67,8 +70,7 @@ def column_spec(table: str, name: str, typname: str, typmod: int, pg_type: str, 
             raise UnsupportedColumn(f"{where}: only numeric(p,s) with 0 <= s <= p <= 38 maps exactly to decimal128")
         kind, arrow_type = "numeric", pa.decimal128(precision, scale)
     elif typname == "timestamp":
-        digits = 6 if typmod < 0 else typmod
-        kind, arrow_type = "timestamp", pa.timestamp("ms" if digits <= 3 else "us", tz="UTC")
+        kind, arrow_type = "timestamp", pa.timestamp("us")  # wall time as PostgreSQL holds it (UTC by convention)
     else:
         raise UnsupportedColumn(f"{where}: no exact Parquet mapping for type {typname}")
     return ArchiveColumn(name, pg_type, kind, arrow_type, nullable=not not_null)

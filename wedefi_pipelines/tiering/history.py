@@ -2,30 +2,37 @@
 
 Hot and warm months (and late rows waiting in the default partition) are read from
 PostgreSQL through the read replica route; months whose metadata says 'archived' are read
-from their recorded Parquet objects on S3 with a pyarrow dataset, so the token and time
-filter is pushed down to row-group statistics (a sorted month keeps one token in one or
-two row groups). The archive metadata and the PostgreSQL rows are read in one REPEATABLE
-READ snapshot: an archive run commits its metadata and its DROP together, so a month is
-read from exactly one side. Tables frozen by an unfinished archive run are read too.
-The result has the archive's exact types and is ordered by ("recordedAt", source, id).
+through the "PriceSnapshot" Iceberg table (iceberg.py) with the token and time filter:
+the month partitions outside the range are pruned from its manifests, and within a month
+the filter is pushed down to row-group statistics (a sorted month keeps one token in one
+or two row groups). The archive metadata, the PostgreSQL rows and the Iceberg table's
+metadata_location are read in one REPEATABLE READ snapshot: an archive run commits its
+metadata, its registration and its DROP together (a restore likewise), so a month is
+read from exactly one side. Objects not in the Iceberg table (the format-1 layout,
+awaiting their upgrade) are read directly; tables frozen by an unfinished archive run
+from PostgreSQL. The result has the archive's exact types and is ordered by
+("recordedAt", source, id).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from psycopg import sql
+from pyiceberg.expressions import And, EqualTo
+from pyiceberg.io.pyarrow import ArrowScan
 
 from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
-from wedefi_pipelines.tiering.arrow_io import read_table, select_sql, text_columns
+from wedefi_pipelines.tiering.arrow_io import current_types, read_table, select_sql
 from wedefi_pipelines.tiering.columns import archive_columns, arrow_schema
+from wedefi_pipelines.tiering.iceberg import ArchiveTables, months_filter
 
 TABLE = p.PRICE_SNAPSHOT
 ORDER = ("recordedAt", "source", "id")
@@ -39,6 +46,8 @@ class HistoryResult:
     from_archive: int = 0
     archived_months: list[date] = field(default_factory=list)
     server: str = ""
+    iceberg: str = ""  # "<namespace>.<table> snapshot <id>" when the cold part was read through it
+    iceberg_files: int = 0  # data files the scan read after pruning
 
 
 def _window(token_id: str, start: datetime, end: datetime) -> sql.Composed:
@@ -54,26 +63,41 @@ def price_history(db: Database, store: ArchiveStore, token_id: str, start: datet
         raise ValueError(f"the end ({end}) must be after the start ({start})")
     months = [m for m in p.months_between(start, end) if p.month_bounds(m)[0] < end]
     route = db.route(WORKLOAD)
+    tables = ArchiveTables(db, store)
     with db.connection(WORKLOAD) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         columns = archive_columns(conn, TABLE.name)
-        states = catalog.read_table(conn, TABLE, months=months, default_rows="skip").months.values()
-        archived = {s.month for s in states if s.archived}
-        keys = sorted(o.key for s in states if s.archived for o in s.objects)
+        states = [s for s in catalog.read_table(conn, TABLE, months=months, default_rows="skip").months.values()]
+        archived = [s for s in states if s.archived]
+        registered = sorted({s.month for s in archived if any(o.registered for o in s.objects)})
+        direct = sorted(o.key for s in archived for o in s.objects if not o.registered and o.rows > 0)
+        iceberg = tables.table_in(conn, TABLE) if registered else None
         pieces = [read_table(conn, select_sql(TABLE.name, columns, where=_window(token_id, start, end)), columns)]
         for relation in (r for s in states for r in s.frozen_relations):
             pieces.append(read_table(conn, select_sql(relation, columns, where=_window(token_id, start, end)), columns))
     from_postgres = sum(t.num_rows for t in pieces)
     schema = arrow_schema(columns)
-    if keys:
+    result = HistoryResult(pa.table({}), archived_months=sorted(s.month for s in archived), server=route.server)
+    if registered:
+        if iceberg is None:
+            raise RuntimeError(f"{TABLE.name}: the archive metadata says months {registered} are in the Iceberg "
+                               "table, and the catalog has no such table")
+        scan = iceberg.scan(row_filter=And(EqualTo("tokenId", token_id), months_filter(TABLE, registered, start, end)))
+        tasks = list(scan.plan_files())
+        result.iceberg = f"{'.'.join(tables.identifier(TABLE))} snapshot {iceberg.current_snapshot().snapshot_id}"
+        result.iceberg_files = len(tasks)
+        pieces.append(ArrowScan(scan.table_metadata, scan.io, scan.projection(), scan.row_filter).to_table(tasks)
+                      if tasks else schema.empty_table())
+    if direct:  # objects of the format-1 layout, until their upgrade
         filesystem = store.arrow_filesystem()
-        utc = schema.field(TABLE.time_column).type
-        expr = ((ds.field("tokenId") == token_id)
-                & (ds.field(TABLE.time_column) >= pa.scalar(start.replace(tzinfo=timezone.utc), utc))
-                & (ds.field(TABLE.time_column) < pa.scalar(end.replace(tzinfo=timezone.utc), utc)))
-        for key in keys:  # one dataset per object: a month may store "id" as UUID, another as text
+        for key in direct:
             dataset = ds.dataset(f"{store.bucket}/{key}", format="parquet", filesystem=filesystem)
-            pieces.append(text_columns(dataset.to_table(filter=expr)))
+            rows = current_types(dataset.to_table(filter=ds.field("tokenId") == token_id), schema)
+            window = pc.and_(pc.and_(pc.equal(rows["tokenId"], token_id), pc.greater_equal(rows[TABLE.time_column],
+                             pa.scalar(start, rows.schema.field(TABLE.time_column).type))),
+                             pc.less(rows[TABLE.time_column], pa.scalar(end, rows.schema.field(TABLE.time_column).type)))
+            pieces.append(rows.filter(window))
     merged = pa.concat_tables([t.select(schema.names).cast(schema) for t in pieces])
     merged = merged.take(pc.sort_indices(merged, sort_keys=[(c, "ascending") for c in ORDER]))
-    return HistoryResult(merged, from_postgres, merged.num_rows - from_postgres, sorted(archived), route.server)
+    result.rows, result.from_postgres, result.from_archive = merged, from_postgres, merged.num_rows - from_postgres
+    return result

@@ -149,6 +149,12 @@ def decide(state: MonthState, now: datetime, settings: Settings) -> Decision:
         if state.has_default_rows:
             count = "some" if state.default_rows is None else str(state.default_rows)
             return made(None, Action.ARCHIVE, f"{count} late row(s) of an archived month wait in the default partition")
+        if state.legacy_objects:
+            return made(None, Action.ARCHIVE, f"{len(state.legacy_objects)} archived object(s) in the format-1 Parquet "
+                                              "layout: rewrite them and register them in the Iceberg table")
+        if state.unregistered_objects:
+            return made(None, Action.ARCHIVE, f"{len(state.unregistered_objects)} archived object(s) not in the "
+                                              "Iceberg table yet: register them")
         return made(None, Action.NONE, "already archived: nothing left in PostgreSQL for this month")
     if state.has_default_rows:
         decision = classify(month, state.default_newest, now, ages)
@@ -179,6 +185,7 @@ def group_state(states: Sequence[MonthState]) -> MonthState:
         vacuumed=bool(attached) and all(s.vacuumed for s in attached),
         archive_status=("archived" if statuses == {"archived"} else "restored" if "restored" in statuses else None),
         archived_rows=sum(s.archived_rows for s in states),
+        objects=tuple(o for s in states for o in s.objects),
         default_rows=None if None in counted else sum(counted),
         default_newest=max((s.default_newest for s in states if s.default_newest), default=None),
         newest=max((s.newest for s in attached if s.newest), default=None),

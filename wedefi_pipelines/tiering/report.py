@@ -93,3 +93,26 @@ def format_tiers(tiers: list[MonthTier]) -> str:
         lines.append(f"{m.table:<18} {p.month_year(m.month)}  {m.rows:>10,} rows  {m.tier}")
         lines.extend(f"{'':<28}{uri}  {size:,} B" for uri, size in m.objects)
     return "\n".join(lines)
+
+
+def iceberg_lines(db: Database, store: ArchiveStore) -> list[str]:
+    """Each archived table's Iceberg table as its catalog in PostgreSQL points to it now:
+    rows and files per month, its current snapshot and metadata file."""
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables
+
+    lines = []
+    with ArchiveTables(db, store) as tables, db.connect("primary") as conn:
+        for table in p.RANGE_TABLES:
+            tbl = tables.table_in(conn, table)
+            name = ".".join(tables.identifier(table))
+            if tbl is None:
+                lines.append(f"{name:<26} (not created yet: nothing archived)")
+                continue
+            months = tables.month_files(tbl, table)
+            snapshot = tbl.current_snapshot()
+            held = ", ".join(f"{p.month_year(m)} {sum(f.rows for f in files):,} rows in {len(files)} file(s)"
+                             for m, files in sorted(months.items())) or "no rows"
+            lines.append(f"{name:<26} partitioned by month({table.time_column}): {held}; snapshot "
+                         f"{snapshot.snapshot_id if snapshot else '-'}")
+            lines.append(f"{'':<26} {tbl.metadata_location}")
+    return lines

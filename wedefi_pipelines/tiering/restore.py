@@ -5,8 +5,14 @@ child named like the month's (month_ops.staged_month) is loaded from the month's
 against its recorded size, SHA-256 and CRC64NVME as it downloads), PostgreSQL then
 re-hashes the loaded rows and must find the metadata's record_count and content_hash;
 the month's late rows still waiting in the default partition join it; the child gets
-its indexes and is attached; the metadata turns 'restored'. Any failure rolls all of it
-back, so the month stays archived and nothing half-loaded is ever visible.
+its indexes and is attached; the metadata turns 'restored'; the month's files leave the
+table's Iceberg table (iceberg.py: the catalog is in this database, so the swap of the
+table's metadata_location, a compare-and-set, commits in this same transaction). Any
+failure rolls all of it back, so the month stays archived, its Iceberg table unchanged,
+and nothing half-loaded is ever visible: a reader of PostgreSQL or of the Iceberg table
+sees the month's rows exactly once, before and after. `on_step(step)` is called after
+"loaded" (each table's rows checked) and "unregistered" (its Iceberg files removed),
+inside the transaction (tests crash the restore there).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import psycopg
 import pyarrow.parquet as pq
@@ -31,6 +38,9 @@ from wedefi_pipelines.tiering.arrow_io import copy_in_csv
 from wedefi_pipelines.tiering.columns import archive_columns, hash_kinds
 from wedefi_pipelines.tiering.content_hash import ContentHash, row_hash_sql
 from wedefi_pipelines.tiering.policy import group_tables
+
+if TYPE_CHECKING:
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +57,13 @@ class RestoreOutcome:
     reason: str
     rows: dict[str, int] = field(default_factory=dict)
     late_rows: dict[str, int] = field(default_factory=dict)
+    left_iceberg: dict[str, int] = field(default_factory=dict)  # rows removed from each Iceberg table
     seconds: float = 0.0
 
     def metadata(self) -> dict:
         return {"group": self.group, "month": p.month_year(self.month), "action": self.action, "reason": self.reason,
-                "rows": self.rows, "late_rows_joined": self.late_rows, "seconds": round(self.seconds, 3)}
+                "rows": self.rows, "late_rows_joined": self.late_rows, "removed_from_iceberg": self.left_iceberg,
+                "seconds": round(self.seconds, 3)}
 
 
 def pg_content_hash(conn: psycopg.Connection, relation: str, table: str) -> ContentHash:
@@ -83,10 +95,20 @@ def _load_object(conn: psycopg.Connection, store: ArchiveStore, relation: str, o
 
 
 def restore_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, month: date,
-                  settings: Settings | None = None, logger: logging.Logger | None = None) -> RestoreOutcome:
+                  settings: Settings | None = None, logger: logging.Logger | None = None,
+                  on_step: Callable[[str], None] | None = None) -> RestoreOutcome:
     """Restore the month of `table`'s archive group (PortfolioSnapshot brings PositionSnapshot)."""
     settings = settings or db.settings
     logger = logger or log
+    step = on_step or (lambda name: None)
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables  # pyiceberg takes ~1 s to import: runs only
+
+    with ArchiveTables(db, store, settings, logger) as tables:
+        return _restore(db, store, tables, table, month, settings, logger, step)
+
+
+def _restore(db: Database, store: ArchiveStore, tables: ArchiveTables, table: p.RangeTable | str, month: date,
+             settings: Settings, logger: logging.Logger, step: Callable[[str], None]) -> RestoreOutcome:
     members = group_tables(table)
     group, month_year = members[0].group, p.month_year(p.month_of(month))
     month = p.month_of(month)
@@ -124,9 +146,12 @@ def restore_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, 
                                 f"{found.total} after loading {loaded}, the archive recorded {meta.archived_rows} rows, "
                                 f"hash {meta.archived_hash}")
                         late = month_ops.move_from_default(conn, member, month, child)
+                    step("loaded")
                     conn.execute(sql.SQL(
                         "UPDATE {} SET status = 'restored', restored_at = CURRENT_TIMESTAMP WHERE month_year = %s"
                     ).format(sql.Identifier(p.archive_metadata_name(member))), (month_year,))
+                    outcome.left_iceberg[member.name] = _leave_iceberg(conn, tables, member, month, meta)
+                    step("unregistered")
                     outcome.rows[member.name] = found.count
                     outcome.late_rows[member.name] = late
                     logger.info("%s %s: restored %d rows (+%d late rows from the default partition)",
@@ -135,3 +160,20 @@ def restore_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, 
         month_ops.locked_transaction(db, members, policy, f"restoring {group} {month_year}", body, logger)
         outcome.seconds = time.monotonic() - started
         return outcome
+
+
+def _leave_iceberg(conn: psycopg.Connection, tables: ArchiveTables, member: p.RangeTable, month: date,
+                   meta: catalog.MonthState) -> int:
+    """Remove the month's files from the member's Iceberg table in the restore's transaction;
+    they must be exactly the rows the archive registered."""
+    from wedefi_pipelines.tiering.iceberg import current_location
+
+    if current_location(conn, tables.identifier(member)) is None:
+        return 0  # archived before the Iceberg tables existed: nothing registered
+    removed = tables.unregister(conn, member, month)
+    registered = sum(o.rows for o in meta.objects if o.registered)
+    if removed != registered:
+        raise RestoreError(f"{member.name} {p.month_year(month)}: the Iceberg table held {removed} rows for the month, "
+                           f"the archive registered {registered}; nothing was restored (run the "
+                           "iceberg_tables_match_archive check)")
+    return removed

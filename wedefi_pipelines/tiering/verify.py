@@ -79,7 +79,7 @@ def verify_part(store: ArchiveStore, part: Part, columns: list[ArchiveColumn], w
         if footer.metadata.num_rows != part.rows:
             raise VerificationError(f"{uri}: the footer counts {footer.metadata.num_rows} rows, "
                                     f"PostgreSQL exported {part.rows}")
-        expected_schema = file_schema(columns, part.uuid_columns)
+        expected_schema = file_schema(columns)
         if not footer.schema_arrow.equals(expected_schema, check_metadata=False):
             raise VerificationError(f"{uri}: schema {footer.schema_arrow} differs from {expected_schema}")
         rows, content, span = read_back(downloaded, part.table, columns)

@@ -1,4 +1,4 @@
-"""Checks on the cold tier: the archive metadata matches its objects, and nothing waits.
+"""Checks on the cold tier: the archive metadata matches its objects and its Iceberg tables, and nothing waits.
 
 Evaluated by every cold_archive run, after its month's work, over the whole archive
 (declared as the asset's check_specs: a check cannot be partitioned like its asset).
@@ -6,6 +6,9 @@ Non-blocking (the archive run stays green; the check shows red): ERROR when a re
 count, size or hash disagrees, an object is missing on S3, an archived month still has a
 child, or an archive run stopped half-way; WARN when late rows wait in a default
 partition for an archived month (re-running that month's cold_archive takes them).
+`iceberg_tables_match_archive` compares each Iceberg table, month by month, with the
+archive metadata read in the same snapshot: ERROR when they disagree, WARN when the only
+difference is objects still waiting for their upgrade or registration.
 """
 
 import dagster as dg
@@ -33,6 +36,9 @@ CHECK_SPECS = [
                                   "archive run is left half-way."),
     dg.AssetCheckSpec("archived_months_have_no_late_rows", asset="cold_archive",
                       description="No late rows wait in a default partition for an archived month."),
+    dg.AssetCheckSpec("iceberg_tables_match_archive", asset="cold_archive",
+                      description="Each archived table's Iceberg table holds, per month, the archive metadata's row "
+                                  "count in exactly its recorded objects, and nothing for months not archived."),
 ]
 
 
@@ -79,12 +85,49 @@ def archived_months_have_no_late_rows(db: Database) -> dg.AssetCheckResult:
                   "action": "re-run cold_archive for these months" if waiting else "none"})
 
 
+def iceberg_tables_match_archive(db: Database, store: ArchiveStore) -> dg.AssetCheckResult:
+    from wedefi_pipelines.tiering.iceberg import ArchiveTables  # pyiceberg takes ~1 s to import: runs only
+
+    problems, pending, per_month = [], [], {}
+    with ArchiveTables(db, store) as tables, db.connect("primary") as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # metadata and catalog row: one snapshot
+        for table in p.RANGE_TABLES:
+            months = catalog.read_table(conn, table, default_rows="skip").months
+            held = tables.month_files(tables.table_in(conn, table), table)
+            for month in sorted(set(months) | set(held)):
+                state = months.get(month) or catalog.MonthState(table.name, month)
+                files = {f.path: f.rows for f in held.get(month, [])}
+                label = f"{table.name} {p.month_year(month)}"
+                if not state.archived:
+                    if files:
+                        problems.append(f"{label} is not archived ({state.archive_status or 'no metadata'}) but its "
+                                        f"Iceberg table holds {sum(files.values())} rows in {sorted(files)}")
+                    continue
+                expected = {store.uri(o.key): o.rows for o in state.objects if o.registered}
+                waiting = [o for o in state.objects if not o.registered and o.rows > 0]
+                per_month[label] = {"metadata": state.archived_rows, "iceberg": sum(files.values())}
+                if files != expected:
+                    problems.append(f"{label}: the Iceberg table holds {files}, the archive registered {expected}")
+                elif sum(files.values()) + sum(o.rows for o in waiting) != state.archived_rows:
+                    problems.append(f"{label}: the Iceberg table counts {sum(files.values())} rows, the metadata "
+                                    f"{state.archived_rows}")
+                if waiting:
+                    pending.append(f"{label}: {len(waiting)} object(s) ({sum(o.rows for o in waiting)} rows) not in "
+                                   "the Iceberg table yet (format-1 upgrade or registration pending: re-run its "
+                                   "cold_archive partition)")
+    severity = dg.AssetCheckSeverity.ERROR if problems else dg.AssetCheckSeverity.WARN
+    return dg.AssetCheckResult(
+        check_name="iceberg_tables_match_archive", passed=not problems and not pending, severity=severity,
+        metadata={"problems": dg.MetadataValue.json(problems[:50]), "pending": dg.MetadataValue.json(pending[:50]),
+                  "rows_per_month": dg.MetadataValue.json(per_month)})
+
 
 def evaluate(db: Database, store: ArchiveStore) -> list[dg.AssetCheckResult]:
-    """Both checks; a check that cannot be evaluated (S3 or PostgreSQL down) fails with why."""
+    """Every check; a check that cannot be evaluated (S3 or PostgreSQL down) fails with why."""
     results = []
     for name, run in (("archive_metadata_consistent", lambda: archive_metadata_consistent(db, store)),
-                      ("archived_months_have_no_late_rows", lambda: archived_months_have_no_late_rows(db))):
+                      ("archived_months_have_no_late_rows", lambda: archived_months_have_no_late_rows(db)),
+                      ("iceberg_tables_match_archive", lambda: iceberg_tables_match_archive(db, store))):
         try:
             results.append(run())
         except Exception as exc:  # the check reports it; the archive's own outcome stands
