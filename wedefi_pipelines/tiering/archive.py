@@ -41,7 +41,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -61,7 +60,8 @@ from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns
 from wedefi_pipelines.tiering.copy_out import CopyOutError
 from wedefi_pipelines.tiering.export import HASH_FORMAT, ArchiveError, Part, export_relation, parquet_writer
 from wedefi_pipelines.tiering.policy import NO_CHILD, Action, Tier, decide_group, group_tables, needs_newest
-from wedefi_pipelines.tiering.upgrade import FORMAT_METADATA, Upgrade, upgrade_object
+from wedefi_pipelines.tiering.records import ArchiveOutcome, record_parts
+from wedefi_pipelines.tiering.upgrade import FORMAT_METADATA, upgrade_object
 from wedefi_pipelines.tiering.verify import VerificationError, read_back, verify_part  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -69,52 +69,6 @@ log = logging.getLogger(__name__)
 STEPS = ("frozen", "exported", "uploaded", "verified", "recorded", "registered", "dropped")
 UPGRADE_STEPS = ("staged", "swapped", "upgraded")
 EXPORT_APPLICATION = "wedefi-pipelines:archive-export"
-
-
-@dataclass
-class ArchiveOutcome:
-    group: str
-    month: date
-    action: str  # archived | skipped
-    reason: str
-    parts: list[Part] = field(default_factory=list)
-    exported_from: str = ""
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mb: float | None = None
-    swept: list[str] = field(default_factory=list)
-    registered: dict[str, int] = field(default_factory=dict)  # table -> objects added to its Iceberg table
-    upgraded: list[Upgrade] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return sum(part.rows for part in self.parts)
-
-    @property
-    def bytes(self) -> int:
-        return sum(part.digest.size for part in self.parts if part.digest)
-
-    def metadata(self, store: ArchiveStore) -> dict:
-        meta: dict = {"group": self.group, "month": p.month_year(self.month), "action": self.action, "reason": self.reason}
-        if self.action == "archived":
-            meta.update({
-                "rows": self.rows, "bytes": self.bytes, "exported_from": self.exported_from,
-                "objects": [f"{store.uri(x.key)} ({x.table.name}: {x.rows} rows, {x.digest.size if x.digest else 0} B)"
-                            for x in self.parts],
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            })
-            if self.rows and self.seconds.get("total"):
-                meta["rows_per_s"] = round(self.rows / self.seconds["total"])
-            if self.peak_rss_mb is not None:
-                meta["peak_rss_mb"] = round(self.peak_rss_mb, 1)
-        if self.registered:
-            meta["registered_in_iceberg"] = self.registered
-        if self.upgraded:
-            meta["upgraded_objects"] = [f"{store.uri(u.key)} ({u.rows} rows, {u.bytes_before} -> {u.bytes_after} B)"
-                                        for u in self.upgraded]
-            meta["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
-        if self.swept:
-            meta["removed_leftover_objects"] = self.swept
-        return meta
 
 
 def skip_reason(decision) -> str | None:
@@ -289,35 +243,7 @@ class Archiver:
                     raise ArchiveError(f'"{part.relation}" holds {now_rows} rows, {part.rows} were exported: it '
                                        "changed after the freeze; nothing was dropped, re-run the archive")
             for member in members:
-                objects = sql.Identifier(p.archive_objects_name(member))
-                meta = sql.Identifier(p.archive_metadata_name(member))
-                if catalog.month_state(conn, member, month, default_rows="skip").restored:
-                    # the restored child held every row: its export supersedes the old objects
-                    conn.execute(sql.SQL("DELETE FROM {} WHERE month_year = %s").format(objects), (month_year,))
-                for part in (x for x in parts if x.table.name == member.name):
-                    conn.execute(sql.SQL(
-                        """INSERT INTO {} (object_key, month_year, part, record_count, size_bytes, sha256,
-                                           crc64nvme, content_hash, min_time, max_time, format_version)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""").format(objects),
-                        (part.key, month_year, part.part, part.rows, part.digest.size, part.digest.sha256,
-                         part.digest.crc64nvme, part.pg_hash.total, _naive(part.min_time), _naive(part.max_time),
-                         ARCHIVE_FORMAT))
-                conn.execute(sql.SQL(
-                    """INSERT INTO {meta} AS m (month_year, record_count, file_path, compressed_size, archived_at,
-                                                sha256, min_time, max_time, content_hash, status, restored_at)
-                       SELECT %(m)s::varchar, sum(record_count), %(path)s::text, sum(size_bytes), CURRENT_TIMESTAMP,
-                              encode(sha256(convert_to(string_agg(object_key || ' ' || sha256, E'\\n'
-                                                       ORDER BY object_key), 'UTF8')), 'hex'),
-                              min(min_time), max(max_time), sum(content_hash), 'archived', NULL
-                         FROM {objects} WHERE month_year = %(m)s
-                       ON CONFLICT (month_year) DO UPDATE SET
-                           record_count = EXCLUDED.record_count, file_path = EXCLUDED.file_path,
-                           compressed_size = EXCLUDED.compressed_size, sha256 = EXCLUDED.sha256,
-                           min_time = EXCLUDED.min_time, max_time = EXCLUDED.max_time,
-                           content_hash = EXCLUDED.content_hash, status = 'archived', restored_at = NULL,
-                           archived_at = CASE WHEN m.status = 'restored' THEN EXCLUDED.archived_at
-                                              ELSE m.archived_at END""").format(meta=meta, objects=objects),
-                    {"m": month_year, "path": self.store.uri(self.store.month_prefix(member.name, month))})
+                record_parts(conn, self.store, member, month, [x for x in parts if x.table.name == member.name])
             self._step("recorded", parts)  # inside the transaction: a crash here rolls the rows back
             mark = time.monotonic()
             outcome_registered.clear()
@@ -440,10 +366,6 @@ class Archiver:
 def _only_upkeep(state: MonthState) -> bool:
     """The month is archived and nothing of it waits in PostgreSQL: only its objects need work."""
     return state.archived and not state.attached and not state.frozen and not state.has_default_rows
-
-
-def _naive(value: datetime | None) -> datetime | None:
-    return p.to_utc_naive(value) if value is not None else None
 
 
 def archive_month(db: Database, store: ArchiveStore, table: p.RangeTable | str, month: date,
