@@ -367,12 +367,16 @@ def group_states(conn: psycopg.Connection, table: p.RangeTable | str, month: dat
 # -- the questions other modules ask, answered from the catalog ---------------------------------
 
 def attached_months(conn: psycopg.Connection, table: p.RangeTable | str) -> list[date]:
-    """Months that have a monthly child attached to the table's parent, oldest first."""
-    return read_table(conn, table, default_rows="skip").attached
+    """Months that have a monthly child attached to the table's parent, oldest first (one
+    statement: what the provisioning units ask, many times per run)."""
+    table = p.range_table(table)
+    rows = conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                        " WHERE i.inhparent = to_regclass(%s)", (_regclass(conn, table.name),))
+    return sorted(m for (name,) in rows if (m := p.parse_child_name(table, name)) is not None)
 
 
 def is_attached(conn: psycopg.Connection, table: p.RangeTable | str, month: date) -> bool:
-    return month_state(conn, table, month, default_rows="skip").attached
+    return p.month_of(month) in attached_months(conn, table)
 
 
 def archived_months(conn: psycopg.Connection, table: p.RangeTable | str) -> set[date]:
