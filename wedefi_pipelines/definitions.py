@@ -7,7 +7,8 @@ that run naming it. Bad settings ($WEDEFI_SETTINGS) fail here, at load time.
 
 import dagster as dg
 
-from wedefi_pipelines.defs import adoption, cache, health, ingestion, maintenance, provisioning, schema, tiering
+from wedefi_pipelines.defs import (adoption, cache, health, ingestion, maintenance, provisioning, rollups, schema,
+                                   tiering)
 from wedefi_pipelines.resources.database import DatabaseResource
 from wedefi_pipelines.settings import current_settings
 
@@ -18,6 +19,7 @@ defs = dg.Definitions.merge(
     provisioning.defs,
     ingestion.defs,
     tiering.defs,
+    rollups.defs,
     cache.defs,
     health.defs,
     maintenance.defs,

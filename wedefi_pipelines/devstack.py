@@ -517,6 +517,9 @@ class LocalStack:
         settings = {
             "shared_preload_libraries": "'pg_stat_statements'",
             "pg_stat_statements.track": "all",
+            # a whole test session's distinct statements fit: at the default 5,000 a
+            # fresh entry can be evicted between a sensor's tick and its check's re-probe
+            "pg_stat_statements.max": "50000",
             "wal_level": "replica",
             "max_wal_senders": "10",
             "max_replication_slots": "10",

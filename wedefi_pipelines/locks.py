@@ -111,6 +111,8 @@ LOCKS: dict[str, AdvisoryLock] = {lock.name: lock for lock in (
                  "ingest.balances", _namespace_pair("wedefi.ingest.TokenBalance"), 40),
     AdvisoryLock("ingest.governance", "transaction", "governance syncs take turns",
                  "ingest.governance", _namespace_pair("wedefi.ingest.GovernanceLock"), 40),
+    AdvisoryLock("rollups.family", "transaction", "refreshes of one rollup family take turns; arg: 'price' or 'portfolio'",
+                 "rollups.refresh", _named_bigint("wedefi_pipelines.rollups:{}"), 45),
     AdvisoryLock("alerting.incident", "transaction", "writers of one incident's \"Alert\" row; arg: source:incident",
                  "health.alerting (run-failure and health sensors)", _hashtext("{}"), 50),
 )}

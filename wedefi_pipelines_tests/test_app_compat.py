@@ -26,6 +26,8 @@ from wedefi_pipelines_tests import node_app
 APP_TZ = "Asia/Kathmandu"
 # sha256 of cjnemes/WeDefiDaily apps/api/prisma/schema.prisma at 1e84c9a3 (upstream file:
 # sha256 aa889020...) without its `url = env("DATABASE_URL")` line: Prisma 7's one forced edit.
+# The models this project adds (issue 16's rollups) follow this line, at the end of the file.
+ROLLUPS_MARKER = "// ROLLUPS (issue 16): everything below this line is this project's"
 UPSTREAM_SCHEMA_WITHOUT_URL_SHA256 = "457a890b2226c49783149985d3b156be7ffe904aa93316f1d9a0671aaf328ede"
 
 
@@ -56,9 +58,13 @@ def run(app_client: node_app.NodeApp, phase: str, env: dict[str, str]) -> dict:
 
 def test_the_schema_is_the_apps_with_comments_and_prisma_7s_one_edit():
     """Every other line of prisma/schema.prisma is upstream's: our notes are whole-line `//` comments."""
-    lines = (node_app.REPO / "prisma" / "schema.prisma").read_text().splitlines(keepends=True)
-    code = "".join(line for line in lines if not line.startswith("//")).lstrip("\n")
+    text = (node_app.REPO / "prisma" / "schema.prisma").read_text()
+    upstream, ours = text.split(ROLLUPS_MARKER)
+    lines = upstream.splitlines(keepends=True)
+    code = "".join(line for line in lines if not line.startswith("//")).lstrip("\n").rstrip("\n") + "\n"
     assert hashlib.sha256(code.encode()).hexdigest() == UPSTREAM_SCHEMA_WITHOUT_URL_SHA256
+    models = [line.split()[1] for line in ours.splitlines() if line.startswith("model ")]
+    assert models == ["PriceRollupHourly", "PriceRollupDaily", "PortfolioRollupDaily"]  # the only addition
     assert 'url      = env("DATABASE_URL")' not in code and "@id @default(uuid())" in code
 
 

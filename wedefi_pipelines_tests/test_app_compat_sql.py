@@ -56,11 +56,12 @@ def conn(db):
 
 def test_0007_applies_over_existing_children_and_rows_and_keeps_them(stack, tmp_path):
     """An existing database: monthly children and default rows made under 0002's primary key."""
-    before = tmp_path / "sql"
-    before.mkdir()
-    for path in default_sql_dir().glob("*.sql"):
-        if path.name < "0007":
-            shutil.copy(path, before)
+    before, through = tmp_path / "before", tmp_path / "through"
+    for folder, last in ((before, "0006"), (through, "0007")):
+        folder.mkdir()
+        for path in default_sql_dir().glob("*.sql"):
+            if path.name[:4] <= last:
+                shutil.copy(path, folder)
     name = "t_before_0007"
     stack.create_database(name)
     url = stack.primary.url(name)
@@ -72,8 +73,8 @@ def test_0007_applies_over_existing_children_and_rows_and_keeps_them(stack, tmp_
             portfolio(conn, "p1", "2025-01-05")
             position(conn, "x1", "p1", "2025-01-05")
             position(conn, "x2", "p1", "2025-03-05")  # no March child: in the default partition
-            assert migrate(url).applied == ["0007_app_compat.sql"]
-            assert migrate(url).applied == []
+            assert migrate(url, through).applied == ["0007_app_compat.sql"]
+            assert migrate(url, through).applied == []
             keys = dict(conn.execute("""SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint
                                          WHERE contype IN ('p', 'u') AND conrelid::regclass::text LIKE '"PositionSnapshot%'
                                            AND conrelid::regclass::text NOT LIKE '%archive%'""").fetchall())

@@ -23,7 +23,7 @@ def test_the_demo_materializes_everything_and_its_summary_shows_every_tier_and_t
 
     steps = re.findall(r"^\[\s*\d+\] (\w+)", out, flags=re.M)
     for step in ("start", "database_schema", "partition_horizon", "seed_history", "table_partitions",
-                 "ingestion", "tiering", "redis_cache", "health"):
+                 "ingestion", "rollups", "tiering", "redis_cache", "health"):
         assert step in steps, (step, steps)
     assert "positions_have_portfolio_rows FAILED" not in out
 
@@ -45,6 +45,13 @@ def test_the_demo_materializes_everything_and_its_summary_shows_every_tier_and_t
                         r"snapshot \d+, 1 file\(s\), (\d+) from PostgreSQL", out)
     assert history and int(history[2]) > 0 and int(history[3]) > 0, out[-3000:]
     assert int(history[1]) == int(history[2]) + int(history[3])
+
+    # rollups: rows in every table, and a year's daily chart served from them, archived month included
+    rollups = re.search(r"rollups: PriceRollupHourly ([\d,]+) rows, PriceRollupDaily ([\d,]+) rows, "
+                        r"PortfolioRollupDaily ([\d,]+) rows", out)
+    assert rollups and all(int(n.replace(",", "")) > 0 for n in rollups.groups()), out[-3000:]
+    chart = re.search(r"daily chart of \S+ over \S+ from PriceRollupDaily alone: (\d+) days \((\d+) in archived", out)
+    assert chart and int(chart[1]) >= 360 and int(chart[2]) > 0, out[-3000:]
 
     # a portfolio key per wallet of the demo's market (200), within its 300 s TTL
     keys = re.search(r"cache keys by family: price (\d+), portfolio (\d+), governance (\d+)", out)

@@ -69,7 +69,11 @@ def sql_files() -> list[migrations.Migration]:
 
 
 def replay(conn: psycopg.Connection, schema: str, files: list[migrations.Migration]) -> None:
-    """Execute every file in `schema` (created here), inside the caller's transaction."""
+    """Execute every file in `schema` (created here), inside the caller's transaction.
+    A schema a file creates by name (0011's iceberg_catalog) belongs to the real database,
+    not to the model: it is dropped again, so an abort leaves nothing behind and the swap's
+    `migrate` creates it for real."""
+    existing = {r[0] for r in conn.execute("SELECT nspname FROM pg_namespace")}
     conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
     previous = conn.execute("SELECT current_setting('search_path')").fetchone()[0]
     conn.execute(sql.SQL("SELECT set_config('search_path', {}, true)").format(
@@ -81,6 +85,10 @@ def replay(conn: psycopg.Connection, schema: str, files: list[migrations.Migrati
         except psycopg.Error as exc:
             raise ModelError(f"{migration.path.name} could not be replayed in schema {schema}: {exc}") from exc
     conn.execute("SELECT set_config('search_path', %s, true)", (previous,))
+    for (created,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname <> ALL(%s) AND nspname <> %s "
+                                   "AND nspname NOT LIKE 'pg\\_%%'",
+                                   (list(existing), schema)).fetchall():
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(created)))
 
 
 _TABLES = """

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+from psycopg import sql
 
-from wedefi_pipelines import devstack
+from wedefi_pipelines import catalog, devstack
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.cache.refresh import keep_refreshing
 from wedefi_pipelines.cache.store import count_keys
@@ -30,6 +31,7 @@ from wedefi_pipelines.definitions import defs
 from wedefi_pipelines.defs.cache import redis_cache
 from wedefi_pipelines.defs.health.assets import index_usage_report, slow_query_report
 from wedefi_pipelines.defs.provisioning.assets import partition_horizon, table_partitions
+from wedefi_pipelines.defs.rollups import portfolio_rollups, price_rollups
 from wedefi_pipelines.defs.schema import database_schema
 from wedefi_pipelines.defs.tiering.assets import cold_archive, warm_tier
 from wedefi_pipelines.defs.tiering.schedules import tiering_requests
@@ -41,6 +43,8 @@ from wedefi_pipelines.instance import instance_environment
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
 from wedefi_pipelines.resources.database import Database, DatabaseResource
+from wedefi_pipelines.rollups.reads import price_chart
+from wedefi_pipelines.rollups.tables import PORTFOLIO_DAILY, PRICE_DAILY, PRICE_HOURLY
 from wedefi_pipelines.tiering.history import price_history
 from wedefi_pipelines.tiering.report import format_tiers, iceberg_lines, month_tiers
 
@@ -171,6 +175,18 @@ def _run_steps(args, progress: Progress, stack: devstack.LocalStack, env: dict, 
         walkthrough.recent_ingestion(days=3, ticks=3, scale=scale, now=now, instance=instance, progress=say,
                                      log_level=DEMO_LOG_LEVEL)
 
+    days = (p.month_bounds(first)[0].date(), now.date())
+    with progress(f"rollups: price_rollups as one single-run backfill {days[0]}..{days[1]}, then portfolio_rollups "
+                  "(hourly and daily aggregates, kept after their months are archived)"):
+        result = materialize([price_rollups], instance, resources, tags={
+            "dagster/asset_partition_range_start": days[0].isoformat(),
+            "dagster/asset_partition_range_end": days[1].isoformat()})
+        prices = metadata_of(result, "price_rollups")
+        result = materialize([portfolio_rollups], instance, resources)
+        portfolios = metadata_of(result, "portfolio_rollups")
+        say(f"price_rollups: {prices['days_refreshed']} days, rows {prices['rows_written']}; portfolio_rollups: "
+            f"{portfolios['days_refreshed']} days, rows {portfolios['rows_written']}")
+
     database = DatabaseResource()
     with progress("tiering: warm_tier and cold_archive for exactly the months the daily schedule finds due"):
         requests = tiering_requests(database, now.replace(tzinfo=timezone.utc), now.strftime("%Y-%m-%d"))
@@ -226,6 +242,7 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
                 if history.iceberg else ""
             say(f"{history.rows.num_rows} rows: {history.from_archive} from S3 ({months}){through}, "
                 f"{history.from_postgres} from PostgreSQL ({history.server})")
+        say("\n".join(rollup_lines(db, stack)))
     client = connect_redis(env["REDIS_URL"])
     counts = count_keys(client)
     print("cache keys by family: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
@@ -236,6 +253,30 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
     say("wedefi-pipelines demo --keep     keeps this stack up and prints its exports; then, in another shell,\n"
         "                                 paste them and run `dagster dev` here: the runs above are in its UI\n"
         "docs/partitioning.md, docs/ingestion.md, docs/tiering.md, docs/cache.md, docs/health.md, docs/runbook.md")
+
+
+def rollup_lines(db: Database, stack: devstack.LocalStack) -> list[str]:
+    """Rows per rollup table, and a daily chart of one token over a year (back to the first
+    archived month) served from them alone."""
+    with db.connect("primary") as conn:
+        counts = [(t.name, conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t.name))).fetchone()[0])
+                  for t in (PRICE_HOURLY, PRICE_DAILY, PORTFOLIO_DAILY)]
+        token = conn.execute('SELECT id, symbol FROM "Token" ORDER BY id LIMIT 1').fetchone()
+        archived = catalog.archived_months(conn, p.PRICE_SNAPSHOT)
+    lines = ["rollups: " + ", ".join(f"{name} {n:,} rows" for name, n in counts)]
+    if token is not None:
+        stack.wait_replicas_caught_up()
+        end = datetime.now(timezone.utc).replace(tzinfo=None)
+        start = min([end - timedelta(days=365), *(p.month_bounds(m)[0] for m in archived)])  # a year, archive included
+        started = time.perf_counter()
+        chart = price_chart(db, token[0], start, end, "1d")
+        elapsed = (time.perf_counter() - started) * 1000
+        cold = sum(1 for row in chart.rows if p.month_of(row[0]) in archived)
+        lines.append(f"daily chart of {token[1]} over {start:%Y-%m-%d}..{end:%Y-%m-%d} from PriceRollupDaily alone: "
+                     f"{len(chart.rows)} days ({cold} in archived months), {elapsed:.0f} ms on {chart.server} "
+                     f"(`wedefi-pipelines history --token {token[0]} --start {start:%Y-%m-%d} --end {end:%Y-%m-%d} "
+                     "--resolution 1d`)")
+    return lines
 
 
 def _keep(stack: devstack.LocalStack) -> None:

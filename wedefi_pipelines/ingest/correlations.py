@@ -2,7 +2,8 @@
 
 Read side (the analytics replica, as the seed routes risk_analytics): the top K tokens by
 total holdings value ("TokenBalance"."usdValue"), then, per timeframe, the last price of
-each token in each interval bucket (`date_bin`, PostgreSQL 14+) over the timeframe,
+each token in each interval bucket over the timeframe: from the hourly or daily rollup
+when the interval is 60 or 1,440 minutes, else from raw rows (`date_bin`, PostgreSQL 14+),
 bounded in time so only the months it covers are read. Pure part (`correlation_pairs`):
 log returns per bucket, Pearson correlation over the pairwise-complete samples, and the
 two-sided p-value of r = 0 from Student's t with n - 2 degrees of freedom. Write side (the
@@ -24,6 +25,8 @@ from psycopg import sql
 from scipy import stats
 
 from wedefi_pipelines.partitioning import to_utc_naive
+from wedefi_pipelines.rollups.reads import INTERVAL_TABLES, bucket_closes
+from wedefi_pipelines.rollups.refresh import in_use as rollups_in_use
 
 TIMEFRAMES = {"7d": timedelta(days=7), "30d": timedelta(days=30), "90d": timedelta(days=90), "1y": timedelta(days=365)}
 MIN_SAMPLES = 3
@@ -98,8 +101,14 @@ def top_tokens(conn: psycopg.Connection, k: int, since: datetime, until: datetim
 
 def bucket_prices(conn: psycopg.Connection, tokens: list[str], since: datetime, until: datetime,
                   interval: timedelta) -> pd.DataFrame:
-    query = sql.SQL(_BUCKETS).format(interval=sql.Literal(interval), origin=sql.Literal(datetime(2000, 1, 1)))
-    rows = conn.execute(query, {"tokens": tokens, "since": since, "until": until}).fetchall()
+    """The last price of each token in each bucket: from the hourly or daily rollup at 60
+    or 1,440 minutes once rollups are in use (rollups/reads.py; no raw row is read,
+    archived months included), from raw rows otherwise."""
+    if interval in INTERVAL_TABLES and rollups_in_use(conn, "price"):
+        rows = bucket_closes(conn, tokens, since, until, interval)
+    else:
+        query = sql.SQL(_BUCKETS).format(interval=sql.Literal(interval), origin=sql.Literal(datetime(2000, 1, 1)))
+        rows = conn.execute(query, {"tokens": tokens, "since": since, "until": until}).fetchall()
     frame = pd.DataFrame(rows, columns=["tokenId", "bucket", "price"])
     if frame.empty:
         return pd.DataFrame(columns=tokens, dtype=float)

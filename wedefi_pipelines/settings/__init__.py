@@ -214,6 +214,15 @@ class IngestionSettings(_Strict):
         return value
 
 
+class RollupSettings(_Strict):
+    """Rollups (issue 16): how far back each refresh looks for days that changed (the
+    default partition's days are always looked at, however old), and how many rollup rows
+    the rollups_match_raw checks recompute from raw rows."""
+
+    sweep_days: int = Field(35, ge=1, le=3660)
+    check_sample_rows: int = Field(50, ge=1, le=10_000)
+
+
 class Settings(_Strict):
     database: DatabaseSettings = DatabaseSettings()
     routing: RoutingSettings = RoutingSettings()
@@ -226,6 +235,7 @@ class Settings(_Strict):
     cache: CacheSettings = CacheSettings()
     ingestion: IngestionSettings = IngestionSettings()
     adoption: AdoptionSettings = AdoptionSettings()
+    rollups: RollupSettings = RollupSettings()
 
     @field_validator("alerts")
     @classmethod

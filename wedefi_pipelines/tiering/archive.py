@@ -31,7 +31,8 @@ only copy until the commit) over the same deterministic keys, so a crash never l
 duplicate object or row; objects under the month's prefix that no metadata row records
 are leftovers of an interrupted run and are deleted. A recorded object is never
 overwritten. Rows arriving late for an archived month wait in the default partition
-until the month is run again: they become its next part. `on_step(step, parts)` is
+until the month is run again: they become its next part. Once rollups are in use, a
+month whose rollups are behind its raw rows is skipped (rollups/gate.py). `on_step(step, parts)` is
 called after each step (tests crash the run there).
 """
 
@@ -54,6 +55,7 @@ from wedefi_pipelines.catalog import ARCHIVE_FORMAT, MonthState
 from wedefi_pipelines.procstats import peak_rss_mb, reset_peak_rss
 from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreError, file_digest
 from wedefi_pipelines.resources.database import Database
+from wedefi_pipelines.rollups import gate as rollups_gate
 from wedefi_pipelines.settings import Settings
 from wedefi_pipelines.tiering.arrow_io import UnrepresentableValue  # noqa: F401 (raised by export; re-exported)
 from wedefi_pipelines.tiering.columns import ArchiveColumn, archive_columns
@@ -324,6 +326,11 @@ class Archiver:
                 outcome.seconds["total"] = time.monotonic() - started
                 outcome.action = "upgraded" if outcome.upgraded else "registered"
                 return outcome
+            with self.db.connect("primary") as conn:
+                blocker = rollups_gate.archive_blocker(conn, group, month)
+            if blocker is not None:
+                self.log.warning("%s %s skipped: %s", group, p.month_year(month), blocker)
+                return ArchiveOutcome(group, month, "skipped", blocker)
             started = time.monotonic()
             seconds: dict[str, float] = {}
             swept = self.sweep(members, month)

@@ -1,4 +1,5 @@
-"""`wedefi-pipelines history --token ID --start T --end T`: a token's price history from any tier.
+"""`wedefi-pipelines history --token ID --start T --end T [--resolution raw|1h|1d]`: a token's
+price history from any tier, or its chart from the rollups.
 
 Kept apart from tiering.history so the CLI starts without importing Dagster and pyarrow
 until this command runs.
@@ -30,10 +31,33 @@ def add_history_parser(subparsers) -> None:
     parser.add_argument("--token", required=True, help='the "Token".id')
     parser.add_argument("--start", required=True, type=_moment, help="inclusive start (UTC)")
     parser.add_argument("--end", required=True, type=_moment, help="exclusive end (UTC)")
+    parser.add_argument("--resolution", choices=("raw", "1h", "1d"), default="raw",
+                        help="raw: every PriceSnapshot row (default); 1h or 1d: one row per UTC hour or day with "
+                             "bucketStart in [start, end) from the rollups alone (PriceRollupHourly/Daily, archived "
+                             "months included, no S3 read): open, high, low, close, average, samples")
     parser.set_defaults(func=cmd_history)
 
 
+def cmd_chart(args: argparse.Namespace) -> int:
+    from wedefi_pipelines.resources.database import ConfigurationError, Database
+    from wedefi_pipelines.rollups.reads import CHART_COLUMNS, price_chart
+
+    try:
+        with Database.from_env() as db:
+            chart = price_chart(db, args.token, args.start, args.end, args.resolution)
+    except (ConfigurationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(",".join(CHART_COLUMNS))
+    for bucket, *values in chart.rows:
+        print(",".join([bucket.strftime("%Y-%m-%dT%H:%M:%SZ"), *(str(v) for v in values)]))
+    print(f"{len(chart.rows)} {args.resolution} bucket(s) from the rollups ({chart.server})", file=sys.stderr)
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
+    if args.resolution != "raw":
+        return cmd_chart(args)
     from wedefi_pipelines import partitioning as p
     from wedefi_pipelines.resources.archive import ArchiveStore
     from wedefi_pipelines.resources.database import ConfigurationError, Database

@@ -74,7 +74,7 @@ def pg_content_hash(conn: psycopg.Connection, relation: str, table: str) -> Cont
     return ContentHash(int(count), int(total))
 
 
-def _load_object(conn: psycopg.Connection, store: ArchiveStore, relation: str, obj: catalog.ArchiveObject,
+def load_object(conn: psycopg.Connection, store: ArchiveStore, relation: str, obj: catalog.ArchiveObject,
                  workdir: Path) -> int:
     key = obj.key
     local = workdir / Path(key).name
@@ -138,7 +138,7 @@ def _restore(db: Database, store: ArchiveStore, tables: ArchiveTables, table: p.
                 for member in members:
                     meta = catalog.month_state(conn, member, month, default_rows="skip")
                     with month_ops.staged_month(conn, member, month) as child:
-                        loaded = sum(_load_object(conn, store, child, obj, Path(tmp)) for obj in meta.objects)
+                        loaded = sum(load_object(conn, store, child, obj, Path(tmp)) for obj in meta.objects)
                         found = pg_content_hash(conn, child, member.name)
                         if found != ContentHash(meta.archived_rows, meta.archived_hash):
                             raise RestoreError(
