@@ -4,7 +4,7 @@
     python benchmarks/rollups.py --year-tokens 10     # quicker year
     python benchmarks/rollups.py --pg-bin /usr/lib/postgresql/15/bin
 
-(a) One day's refresh at the seed's volume (174 tokens every 5 minutes: 50,112 rows)
+(a) One day's refresh at the seed's volume (521 tokens every 15 minutes: 50,016 rows)
     against that day's COPY into "PriceSnapshot" (goal <= 0.1x): the day's rows are copied
     out, deleted, timed back in with COPY, then the day's rollups are refreshed (hourly and
     daily, watermark included), timed; and again with nothing changed.
@@ -13,7 +13,8 @@
     close/count per day in pyarrow), with nine of the twelve months archived (goal <= 0.01x).
     Both charts are compared value by value first.
 (c) The rollups' bytes per year at the seed's volume: the tables' size per raw row measured
-    on the loaded day and month, scaled to 50,000 price rows a day.
+    on the loaded month, scaled to 50,000 price rows a day at 15-minute ticks.
+The year chart's months use the same 15-minute ticks.
 Printed: seconds (median of --repeat) and ratios to the baseline.
 """
 
@@ -47,7 +48,8 @@ from wedefi_pipelines.settings import Settings  # noqa: E402
 from wedefi_pipelines.tiering.archive import Archiver  # noqa: E402
 from wedefi_pipelines.tiering.history import price_history  # noqa: E402
 
-SEED_TOKENS = 174  # x 288 ticks a day = 50,112 rows: the seed's 50,000 price rows a day
+SEED_TOKENS = 521  # x 96 ticks a day (every 15 minutes, the seed's cadence) = 50,016 rows: its 50,000 a day
+archive_bench.TICK_MINUTES = 15
 
 
 def median_s(fn, repeat: int) -> float:
@@ -98,6 +100,8 @@ def raw_daily_chart(db: Database, store: ArchiveStore, token: str, start: dateti
     (open/close: earliest/latest "recordedAt", ties by the greatest source)."""
     rows = price_history(db, store, token, start, end).rows
     table = rows.append_column("day", pc.floor_temporal(rows["recordedAt"], unit="day"))
+    table = table.set_column(table.schema.get_field_index("priceUsd"), "priceUsd",
+                             table["priceUsd"].cast(pa.float64()))  # pyarrow's first/last take no decimals
     ordered = table.sort_by([("day", "ascending"), ("recordedAt", "ascending"), ("source", "ascending")])
     grouped = ordered.group_by("day", use_threads=False).aggregate([
         ("priceUsd", "first"), ("priceUsd", "max"), ("priceUsd", "min"), ("priceUsd", "last"), ("priceUsd", "count")])
@@ -123,7 +127,8 @@ def year_chart(stack: devstack.LocalStack, env: dict, db: Database, year: int, t
     token = archive_bench.token_ids(tokens)[0]
     start, end = datetime(year, 1, 1), datetime(year + 1, 1, 1)
     raw = raw_daily_chart(db, store, token, start, end)
-    rolled = [(r[0], r[1], r[2], r[3], r[4], r[6]) for r in price_chart(db, token, start, end, "1d").rows]
+    rolled = [(r[0], float(r[1]), float(r[2]), float(r[3]), float(r[4]), r[6])
+              for r in price_chart(db, token, start, end, "1d").rows]
     assert len(raw) == len(rolled) == 365 and raw == rolled, "the rollup chart differs from the raw one"
     return {"rows": rows, "backfill_s": backfill_s,
             "raw_s": median_s(lambda: raw_daily_chart(db, store, token, start, end), repeat),
@@ -133,7 +138,8 @@ def year_chart(stack: devstack.LocalStack, env: dict, db: Database, year: int, t
 def sizes(url: str) -> dict:
     with psycopg.connect(url) as conn:
         def size(table: str) -> int:
-            return conn.execute("SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s)",
+            return conn.execute("SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint "
+                                "FROM pg_partition_tree(%s)",
                                 (sql.Identifier(table).as_string(conn),)).fetchone()[0]
         counts = {t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0]
                   for t in ("PriceRollupHourly", "PriceRollupDaily")}
@@ -155,7 +161,7 @@ def main() -> int:
         print(f"PostgreSQL {stack.primary.bin_dir}", flush=True)
         with Database.from_env(env, settings=Settings()) as db:
             loaded = archive_bench.load_month(env["DATABASE_URL_PRIMARY"], month, SEED_TOKENS)
-            print(f"(a) {p.month_year(month)}: {loaded:,} rows, {SEED_TOKENS} tokens every 5 min", flush=True)
+            print(f"(a) {p.month_year(month)}: {loaded:,} rows, {SEED_TOKENS} tokens every 15 min", flush=True)
             day = day_refresh(db, env["DATABASE_URL_PRIMARY"], month, args.repeat)
             print(f"(a) one day ({day['rows']:,} rows): COPY in {day['copy_s']:.3f}s; refresh {day['refresh_s']:.3f}s "
                   f"= {day['refresh_s'] / day['copy_s']:.3f}x COPY (goal <= 0.1x); refresh with nothing changed "

@@ -189,6 +189,7 @@ def _fold(conn: psycopg.Connection, fam: Family, source: str, days: list[date], 
           result: RefreshResult) -> None:
     """Recompute `days` (one month's) from `source` in the caller's transaction."""
     locks.xact_lock(conn, "rollups.family", fam.name)
+    conn.execute("SET LOCAL work_mem = '64MB'")  # a month's rows sort in memory (4 MB spills a day to disk)
     first, last = min(days), max(days)
     start, end = datetime(first.year, first.month, first.day), datetime(last.year, last.month, last.day) + timedelta(days=1)
     raw = day_stats(conn, source, fam.source.time_column, start, end)

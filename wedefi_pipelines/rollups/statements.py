@@ -47,13 +47,14 @@ def _refresh(table: str, key: str, columns: str, fresh: sql.Composable, conflict
              values: tuple[str, ...], start: datetime, end: datetime, days: list[date]) -> sql.Composed:
     """One statement: upsert the freshly aggregated buckets of the days, delete the days'
     buckets that are no longer among them. Returns (rows written, rows deleted). The two
-    touch disjoint rows; the anti-join is hashed (`coalesce` keeps the NULL wallet equal)."""
+    touch disjoint rows. NOT IN over non-null values (`coalesce` keeps the NULL wallet
+    equal) is a hashed subplan whatever the estimates: a NOT EXISTS planned from the CTE's
+    estimate became a nested loop, 22 s for an unchanged day of 12,504 hours."""
     return sql.SQL("""
 WITH fresh ({columns}) AS MATERIALIZED ({fresh}),
 written AS (INSERT INTO {table} AS r ({columns}) SELECT * FROM fresh ON CONFLICT ({conflict}) {update} RETURNING 1),
-gone AS (DELETE FROM {table} r WHERE {filter} AND NOT EXISTS (
-             SELECT 1 FROM fresh f WHERE coalesce(f.{key}, '') = coalesce(r.{key}, '')
-                AND f."bucketStart" = r."bucketStart") RETURNING 1)
+gone AS (DELETE FROM {table} r WHERE {filter} AND (coalesce(r.{key}, ''), r."bucketStart") NOT IN (
+             SELECT coalesce(f.{key}, ''), f."bucketStart" FROM fresh f) RETURNING 1)
 SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM gone)""").format(
         columns=sql.SQL(columns), fresh=fresh, table=sql.Identifier(table), conflict=sql.SQL(conflict),
         update=_upsert_set(values), filter=_filter("bucketStart", start, end, days), key=sql.Identifier(key))
