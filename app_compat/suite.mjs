@@ -457,6 +457,36 @@ async function cachePhase() {
     for (const key of [`portfolio:${carol}`, `governance:${carol}`]) report.appWritten[key] = await redis.get(key);
   });
   await redis.quit();
+  await rollupReads();
+}
+
+// The rollup tables (sql/0012_rollups.sql, the models after the ROLLUPS marker of
+// prisma/schema.prisma), which the pytest side refreshed between the phases, read through
+// the app's client: every row, its key and values, as SQL holds them.
+async function rollupReads() {
+  for (const [model, table, key, values] of [
+    ["priceRollupHourly", "PriceRollupHourly", "tokenId", ["openUsd", "highUsd", "lowUsd", "closeUsd", "sumUsd"]],
+    ["priceRollupDaily", "PriceRollupDaily", "tokenId", ["openUsd", "highUsd", "lowUsd", "closeUsd", "sumUsd"]],
+    ["portfolioRollupDaily", "PortfolioRollupDaily", "walletId", ["openUsd", "closeUsd", "minUsd", "maxUsd"]],
+  ]) {
+    await call(`prisma.${model}.findMany = SQL (the rollups as Prisma models)`, async () => {
+      const got = await app[model].findMany();
+      const rows = await sql(`SELECT "${key}" AS key, ${iso('"bucketStart"')} AS "bucketStart", "sampleCount",
+                                     ${values.map((v) => `"${v}"::text AS "${v}"`).join(", ")} FROM "${table}"`);
+      expect(rows.length > 0, `${table} is empty: the rollups were not refreshed`);
+      const shape = (r, k) => ({ key: r[k], bucketStart: typeof r.bucketStart === "string" ? r.bucketStart : r.bucketStart.toISOString(),
+                                 sampleCount: r.sampleCount, ...Object.fromEntries(values.map((v) => [v, dec(String(r[v]))])) });
+      expectSame(got.map((r) => shape(r, key)), rows.map((r) => shape(r, "key")), `${model}.findMany()`);
+    });
+  }
+  await call("prisma.portfolioRollupDaily: the all-wallets row (walletId null) and the compound unique key", async () => {
+    const all = await app.portfolioRollupDaily.findMany({ where: { walletId: null } });
+    expect(all.length > 0, "no all-wallets rollup row");
+    const [one] = await app.portfolioRollupDaily.findMany({ where: { walletId: { not: null } }, take: 1 });
+    const found = await app.portfolioRollupDaily.findUnique({
+      where: { walletId_bucketStart: { walletId: one.walletId, bucketStart: one.bucketStart } } });
+    expect(found?.id === one.id, "findUnique by (walletId, bucketStart) did not find the row");
+  });
 }
 
 try {

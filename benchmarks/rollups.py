@@ -12,8 +12,9 @@
     from raw rows across PostgreSQL and the archive (`price_history`, then open/high/low/
     close/count per day in pyarrow), with nine of the twelve months archived (goal <= 0.01x).
     Both charts are compared value by value first.
-(c) The rollups' bytes per year at the seed's volume: the tables' size per raw row measured
-    on the loaded month, scaled to 50,000 price rows a day at 15-minute ticks.
+(c) The rollups' bytes per year at the seed's volume: the price tables' size per raw row
+    measured on the loaded month, scaled to 50,000 price rows a day at 15-minute ticks; one
+    day of "PortfolioRollupDaily" for the seed's 10,000 wallets, times 365.
 The year chart's months use the same 15-minute ticks.
 Printed: seconds (median of --repeat) and ratios to the baseline.
 """
@@ -43,7 +44,7 @@ from wedefi_pipelines.resources.archive import ArchiveStore  # noqa: E402
 from wedefi_pipelines.resources.database import Database  # noqa: E402
 from wedefi_pipelines.rollups.reads import price_chart  # noqa: E402
 from wedefi_pipelines.rollups.refresh import month_days, refresh  # noqa: E402
-from wedefi_pipelines.rollups.tables import PRICE  # noqa: E402
+from wedefi_pipelines.rollups.tables import PORTFOLIO, PRICE, ensure_months  # noqa: E402
 from wedefi_pipelines.settings import Settings  # noqa: E402
 from wedefi_pipelines.tiering.archive import Archiver  # noqa: E402
 from wedefi_pipelines.tiering.history import price_history  # noqa: E402
@@ -146,6 +147,23 @@ def sizes(url: str) -> dict:
         return {t: {"rows": counts[t], "bytes": size(t)} for t in counts}
 
 
+def portfolio_bytes_per_day(url: str, month: date) -> int:
+    """One day of "PortfolioRollupDaily" at the seed's 10,000 wallets (+ the all-wallets row),
+    written as the refresh writes them (values of the same width), measured on disk."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        ensure_months(conn, PORTFOLIO, [month])
+        day = p.month_bounds(month)[0]
+        conn.execute("""INSERT INTO "PortfolioRollupDaily" (id, "walletId", "bucketStart", "openUsd", "closeUsd",
+                            "minUsd", "maxUsd", "sampleCount", "firstAt", "lastAt")
+                        SELECT md5(coalesce(w, '') || '/' || %(d)s::text)::uuid::text, w, %(d)s,
+                               123456.123456789012345678, 123457.5, 123000.25, 124000.75, 288, %(d)s, %(d)s
+                          FROM (SELECT gen_random_uuid()::text AS w FROM generate_series(1, 10000)
+                                UNION ALL SELECT NULL) wallets""", {"d": day})
+        conn.execute('VACUUM ANALYZE "PortfolioRollupDaily"')
+        return conn.execute("SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree(%s)",
+                            ('"PortfolioRollupDaily"',)).fetchone()[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg-bin", default=devstack.EMBEDDED, help="'embedded' (PostgreSQL 18) or a bin directory")
@@ -172,6 +190,9 @@ def main() -> int:
             print("(c) at 50,000 price rows a day: " + ", ".join(
                 f"{t} {measured[t]['rows']:,} rows for the month, {yearly[t] / 1e6:.0f} MB a year" for t in measured),
                 flush=True)
+            portfolio = portfolio_bytes_per_day(env["DATABASE_URL_PRIMARY"], p.add_months(month, -1))
+            print(f"(c) PortfolioRollupDaily at 10,000 wallets: {portfolio / 1e6:.2f} MB a day, "
+                  f"{portfolio * 365 / 1e6:.0f} MB a year", flush=True)
             chart = year_chart(stack, env, db, year, args.year_tokens, args.repeat)
             print(f"(b) one token's {year} daily chart (9 of 12 months archived, {chart['rows']:,} raw rows in all; "
                   f"rollups backfilled in {chart['backfill_s']:.1f}s): raw across tiers {chart['raw_s']:.3f}s; "

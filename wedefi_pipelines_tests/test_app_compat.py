@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.cache.refresh import refresh_cache
+from wedefi_pipelines.rollups.refresh import refresh
+from wedefi_pipelines.rollups.tables import PORTFOLIO, PRICE
 from wedefi_pipelines.resources.cache import connect_redis
 from wedefi_pipelines.settings import parse_settings
 from wedefi_pipelines_tests import node_app
@@ -90,6 +92,9 @@ def test_the_apps_prisma_client_and_cache_reader_work_on_the_managed_database(db
     with db.database(settings) as database:
         first = refresh_cache(database, redis_client, settings)
         assert "wedefi_read" in first.read_from["portfolio_queries"]  # the pipeline read the replica
+        since = (now - timedelta(days=60)).date()  # the rollups of what the app wrote, for its client to read
+        assert refresh(database, PRICE, sweep_since=since).refreshed
+        assert refresh(database, PORTFOLIO, sweep_since=since).refreshed
         reads = run(app_client, "cache", env)
 
         # The app's own miss path stored JSON.stringify of its Prisma result; the pipeline's
