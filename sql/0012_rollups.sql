@@ -5,7 +5,9 @@
 -- --resolution 1h|1d`. Buckets are UTC: "bucketStart" is date_trunc('hour'|'day') of the
 -- raw row's "recordedAt"/"capturedAt" (timestamp(3) holding UTC, like the sources).
 -- Monthly range partitions on "bucketStart", created by the refresh for the months it
--- writes (no default partition: nothing else writes here). Prices are numeric(36,18)
+-- writes. "PriceRollupHourly" is tiered like "PriceSnapshot" (warm, then cold through the
+-- same verified archive: its default partition, which nothing writes to, and its archive
+-- tables are the tiering code's); the daily tables stay hot. Prices are numeric(36,18)
 -- like "PriceSnapshot"."priceUsd"; "sumUsd" is numeric(38,18) (a day's 288 samples of
 -- any price fit, and 38 is the widest decimal Athena and Spark read).
 --
@@ -34,6 +36,10 @@ CREATE TABLE IF NOT EXISTS "PriceRollupHourly" (
     "updatedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
     CONSTRAINT "PriceRollupHourly_pkey" PRIMARY KEY ("tokenId", "bucketStart")
 ) PARTITION BY RANGE ("bucketStart");
+
+CREATE TABLE IF NOT EXISTS "PriceRollupHourly_default" PARTITION OF "PriceRollupHourly" DEFAULT;
+CREATE TABLE IF NOT EXISTS "PriceRollupHourly_archive_metadata" (LIKE "PriceSnapshot_archive_metadata" INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS "PriceRollupHourly_archive_objects" (LIKE "PriceSnapshot_archive_objects" INCLUDING ALL);
 
 CREATE TABLE IF NOT EXISTS "PriceRollupDaily" (
     "tokenId" text NOT NULL,

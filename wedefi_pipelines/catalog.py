@@ -361,7 +361,7 @@ def month_state(conn: psycopg.Connection, table: p.RangeTable | str, month: date
 def group_states(conn: psycopg.Connection, table: p.RangeTable | str, month: date, **options) -> list[MonthState]:
     """The month of every table of `table`'s archive group (archived and restored together)."""
     group = p.range_table(table).group
-    return [month_state(conn, t, month, **options) for t in p.RANGE_TABLES if t.group == group]
+    return [month_state(conn, t, month, **options) for t in p.TIERED_TABLES if t.group == group]
 
 
 # -- the questions other modules ask, answered from the catalog ---------------------------------
@@ -385,7 +385,7 @@ def archived_months(conn: psycopg.Connection, table: p.RangeTable | str) -> set[
     together). A restored month ('restored') is an ordinary month again."""
     group = p.range_table(table).group
     months: set[date] = set()
-    for member in (t for t in p.RANGE_TABLES if t.group == group):
+    for member in (t for t in p.TIERED_TABLES if t.group == group):
         months |= set(_archive_status(conn, member, "archived"))
     return months
 

@@ -139,7 +139,27 @@ POSITION_SNAPSHOT = RangeTable(
     row_key=("id", "capturedAt"),
 )
 RANGE_TABLES: tuple[RangeTable, ...] = (PRICE_SNAPSHOT, PORTFOLIO_SNAPSHOT, POSITION_SNAPSHOT)
-RANGE_TABLES_BY_NAME = {t.name: t for t in RANGE_TABLES}
+
+
+def _rollup(name: str, key: str) -> RangeTable:
+    """A rollup table (sql/0012_rollups.sql): monthly on "bucketStart", no per-child index
+    (its key is the parent's); warm, it is rewritten in (key, bucketStart) order with a BRIN."""
+    return RangeTable(name=name, time_column="bucketStart", child_indexes=(),
+                      warm=WarmLayout(order=(key, "bucketStart"), brin=(key, "bucketStart"), replaces=(),
+                                      sample_key=key),
+                      export_order=(key, "bucketStart"), row_key=(key, "bucketStart"))
+
+
+PRICE_ROLLUP_HOURLY = _rollup("PriceRollupHourly", "tokenId")
+PRICE_ROLLUP_DAILY = _rollup("PriceRollupDaily", "tokenId")
+PORTFOLIO_ROLLUP_DAILY = _rollup("PortfolioRollupDaily", "walletId")
+ROLLUP_TABLES: tuple[RangeTable, ...] = (PRICE_ROLLUP_HOURLY, PRICE_ROLLUP_DAILY, PORTFOLIO_ROLLUP_DAILY)
+# What the hot/warm/cold tiers manage: the snapshot tables the app writes, and the hourly
+# price rollup (about a quarter of "PriceSnapshot"'s rows). The daily rollups stay hot.
+# Provisioning, adoption and ingestion manage RANGE_TABLES only: the rollups' months are
+# created by their refresh.
+TIERED_TABLES: tuple[RangeTable, ...] = (*RANGE_TABLES, PRICE_ROLLUP_HOURLY)
+RANGE_TABLES_BY_NAME = {t.name: t for t in (*RANGE_TABLES, *ROLLUP_TABLES)}
 TOKEN_BALANCE = HashTable(name="TokenBalance", hash_column="walletId", modulus=8)
 
 

@@ -25,6 +25,7 @@ from wedefi_pipelines.rollups.tables import PORTFOLIO, PRICE
 from wedefi_pipelines.rollups.verify import verify_sample
 from wedefi_pipelines.tiering.archive import Archiver
 from wedefi_pipelines.tiering.restore import restore_month
+from wedefi_pipelines.tiering.warm import warm_month
 from wedefi_pipelines_tests.test_tiering_support import (TOKENS, load_portfolio, load_prices, months_ago,
                                                          seed_reference, store_for)
 
@@ -286,3 +287,40 @@ def test_price_rollups_asset_and_its_check(db_env, monkeypatch):
                      (datetime(day.year, day.month, day.day, 3),))
         verdict = verify_sample(conn, PRICE, 50, datetime(day.year, day.month, day.day))
     assert verdict.checked == 25 and [m["bucketStart"] for m in verdict.mismatches] == [f"{day}T03:00:00"]
+
+
+def test_the_hourly_rollup_tiers_warm_then_cold_and_its_chart_reads_the_archive(db):
+    old, warm = months_ago(26), months_ago(3)  # past tiers.PriceRollupHourly's cold age (730 days); warm
+    with psycopg.connect(db.url) as conn:
+        seed_reference(conn)
+        load_prices(conn, old, step="2 hours")
+        load_prices(conn, warm, step="2 hours")
+    store = store_for(db)
+    with db.database() as database:
+        refresh(database, PRICE, days=month_days(old) + month_days(warm))
+        db.wait_replicas()
+        span = (p.month_bounds(old)[0], p.month_bounds(warm)[1])
+        hourly, daily = (price_chart(database, "tok-1", *span, r).rows for r in ("1h", "1d"))
+        assert len(hourly) == (len(month_days(old)) + len(month_days(warm))) * 12
+
+        assert warm_month(database, "PriceRollupHourly", warm).action == "converted"
+        assert Archiver(database, store).archive_month("PriceSnapshot", old).action == "archived"
+        cold = Archiver(database, store).archive_month("PriceRollupHourly", old)
+        assert cold.action == "archived" and cold.parts[0].rows == 3 * 12 * len(month_days(old))
+        db.wait_replicas()
+        with pytest.raises(ValueError, match=f"PriceRollupHourly months {p.month_year(old)} are archived"):
+            price_chart(database, "tok-1", *span, "1h")
+        chart = price_chart(database, "tok-1", *span, "1h", store)
+        assert chart.rows == hourly and chart.archived_months == [old]
+        assert price_chart(database, "tok-1", *span, "1d").rows == daily  # the daily rollup stays hot
+
+        with psycopg.connect(db.url, autocommit=True) as conn:  # a late raw row of the month: its hours are cold
+            conn.execute("""INSERT INTO "PriceSnapshot" ("tokenId", "priceUsd", source, "recordedAt")
+                            VALUES ('tok-1', 2.5, 'late', %s)""", (p.month_bounds(old)[0] + timedelta(hours=1),))
+        held = refresh(database, PRICE, sweep_since=date.today(), store=store)
+        assert held.refreshed == [] and "price rollups archived, not refreshed" in held.notes[0]
+        restore_month(database, store, "PriceRollupHourly", old)
+        assert refresh(database, PRICE, sweep_since=date.today(), store=store).from_archive  # raw: from its archive
+        db.wait_replicas()
+        late_hour = price_chart(database, "tok-1", *span, "1h").rows[1]  # the late row's own hour, new
+        assert late_hour[0] == p.month_bounds(old)[0] + timedelta(hours=1) and late_hour[4] == Decimal("2.5")

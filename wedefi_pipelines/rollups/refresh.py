@@ -13,7 +13,9 @@ PostgreSQL (late rows), so the same statements run over every source. Months arc
 before rollups existed are found by comparing their archived row count with their
 watermarks. Each window of days is one transaction on the primary, under the family's
 advisory lock: a crash leaves the previous rollups and watermarks, and a re-run redoes
-the window (the statements are upserts; nothing is ever added twice).
+the window (the statements are upserts; nothing is ever added twice). A month whose
+hourly price rollups are themselves archived (the cold tier, after tiers.PriceRollupHourly)
+is not refreshed: its daily rows are made from those hours.
 """
 
 from __future__ import annotations
@@ -140,9 +142,16 @@ def refresh(db: Database, fam: Family, *, days: Iterable[date] = (), sweep_since
             wanted |= set(stale_days(conn, fam, sweep_since))
             archived_behind = archived_months_behind(conn, fam)
         archived = catalog.archived_months(conn, fam.source)
+        frozen = set().union(*(catalog.archived_months(conn, t) for t in fam.tables if t in p.TIERED_TABLES))
     for month in archived_behind:
         wanted |= set(month_days(month))
+    for month in sorted(frozen & {p.month_of(d) for d in wanted}):  # its rollups are in the cold tier themselves
+        result.notes.append(f"{p.month_year(month)}: {fam.name} rollups archived, not refreshed (restore the month "
+                            "of PriceRollupHourly first)")
+        wanted = {d for d in wanted if p.month_of(d) != month}
     if not wanted:
+        for note in result.notes:
+            logger.warning(note)
         return result
     months = sorted({p.month_of(d) for d in wanted})
     with db.autocommit("primary") as conn:

@@ -2,10 +2,10 @@
 
 A family is one raw table and the rollups computed from it: 'price' ("PriceSnapshot" ->
 "PriceRollupHourly", then "PriceRollupDaily" from the hourly rows) and 'portfolio'
-("PortfolioSnapshot" -> "PortfolioRollupDaily"). The rollup tables are RangeTables like
-their sources, so their monthly children are named and created by partitioning /
-month_ops as every other child is; they are not in partitioning.RANGE_TABLES (provisioning,
-warm and cold do not manage them: see docs/rollups.md, "Tiers").
+("PortfolioSnapshot" -> "PortfolioRollupDaily"). The rollup tables are RangeTables defined
+in partitioning like their sources, so their monthly children are named and created as
+every other child is. The refresh creates their months (provisioning does not); the hourly
+one is in partitioning.TIERED_TABLES: warm, then cold like its source (docs/rollups.md).
 """
 
 from __future__ import annotations
@@ -20,15 +20,9 @@ from wedefi_pipelines import catalog, month_ops
 from wedefi_pipelines import partitioning as p
 
 
-def _rollup(name: str, key: str) -> p.RangeTable:
-    return p.RangeTable(name=name, time_column="bucketStart", child_indexes=(),
-                        warm=p.WarmLayout(order=(key, "bucketStart"), brin=(), replaces=()),
-                        export_order=(key, "bucketStart"), row_key=(key, "bucketStart"))
-
-
-PRICE_HOURLY = _rollup("PriceRollupHourly", "tokenId")
-PRICE_DAILY = _rollup("PriceRollupDaily", "tokenId")
-PORTFOLIO_DAILY = _rollup("PortfolioRollupDaily", "walletId")
+PRICE_HOURLY = p.PRICE_ROLLUP_HOURLY
+PRICE_DAILY = p.PRICE_ROLLUP_DAILY
+PORTFOLIO_DAILY = p.PORTFOLIO_ROLLUP_DAILY
 
 
 @dataclass(frozen=True)

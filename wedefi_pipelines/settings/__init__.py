@@ -70,6 +70,10 @@ class TierSettings(_Strict):
     PriceSnapshot: TierAges = TierAges()
     PortfolioSnapshot: TierAges = TierAges()
     PositionSnapshot: TierAges = TierAges()
+    # The hourly price rollup tiers like its source, later: asset_correlations reads a year
+    # of it at 60 minutes, and a chart at 1h resolution over its archived months reads S3.
+    # The daily rollups ("PriceRollupDaily", "PortfolioRollupDaily") stay hot.
+    PriceRollupHourly: TierAges = TierAges(hot_days=30, cold_days=730)
     # DETACH and the warm rewrite wait at most this long for their lock, then retry (with
     # backoff) up to lock_attempts times, so they never stall the app's queries queued behind.
     lock_timeout_ms: int = Field(1000, ge=10, le=600_000)

@@ -39,19 +39,28 @@ def add_history_parser(subparsers) -> None:
 
 
 def cmd_chart(args: argparse.Namespace) -> int:
+    from wedefi_pipelines import partitioning as p
     from wedefi_pipelines.resources.database import ConfigurationError, Database
     from wedefi_pipelines.rollups.reads import CHART_COLUMNS, price_chart
 
+    from wedefi_pipelines.resources.archive import ArchiveStore
+
     try:
+        try:  # only an hourly chart over the hourly rollup's archived months reads S3
+            store = ArchiveStore.from_env()
+        except ConfigurationError:
+            store = None
         with Database.from_env() as db:
-            chart = price_chart(db, args.token, args.start, args.end, args.resolution)
+            chart = price_chart(db, args.token, args.start, args.end, args.resolution, store)
     except (ConfigurationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(",".join(CHART_COLUMNS))
     for bucket, *values in chart.rows:
         print(",".join([bucket.strftime("%Y-%m-%dT%H:%M:%SZ"), *(str(v) for v in values)]))
-    print(f"{len(chart.rows)} {args.resolution} bucket(s) from the rollups ({chart.server})", file=sys.stderr)
+    archived = ", ".join(p.month_year(m) for m in chart.archived_months)
+    print(f"{len(chart.rows)} {args.resolution} bucket(s) from the rollups ({chart.server}"
+          f"{'; archived hourly months ' + archived + ' from S3' if archived else ''})", file=sys.stderr)
     return 0
 
 

@@ -25,9 +25,9 @@ from wedefi_pipelines.settings import Settings, TierAges
 
 # Layouts and archive orders are table definitions (partitioning.RangeTable); named here too.
 WarmLayout = p.WarmLayout
-WARM_LAYOUTS: dict[str, p.WarmLayout] = {t.name: t.warm for t in p.RANGE_TABLES}
-EXPORT_ORDER: dict[str, tuple[str, ...]] = {t.name: t.export_order for t in p.RANGE_TABLES}
-ROW_KEY: dict[str, tuple[str, ...]] = {t.name: t.row_key for t in p.RANGE_TABLES}
+WARM_LAYOUTS: dict[str, p.WarmLayout] = {t.name: t.warm for t in p.TIERED_TABLES}
+EXPORT_ORDER: dict[str, tuple[str, ...]] = {t.name: t.export_order for t in p.TIERED_TABLES}
+ROW_KEY: dict[str, tuple[str, ...]] = {t.name: t.row_key for t in p.TIERED_TABLES}
 
 
 class Tier(str, Enum):
@@ -203,11 +203,11 @@ def decide_group(states: Sequence[MonthState], now: datetime, settings: Settings
 def group_tables(table: p.RangeTable | str) -> list[p.RangeTable]:
     """The tables archived and restored with `table`, in a fixed order (locks are taken in it)."""
     group = p.range_table(table).group
-    return [t for t in p.RANGE_TABLES if t.group == group]
+    return [t for t in p.TIERED_TABLES if t.group == group]
 
 
 def groups() -> list[str]:
-    return list(dict.fromkeys(t.group for t in p.RANGE_TABLES))
+    return list(dict.fromkeys(t.group for t in p.TIERED_TABLES))
 
 
 # -- what the daily schedule asks for -----------------------------------------------------------

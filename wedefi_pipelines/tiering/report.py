@@ -34,11 +34,11 @@ def apply_due(db: Database, store: ArchiveStore, now: datetime | None = None,
     """Warm and archive every month that is due now, oldest first."""
     now = now or datetime.now(timezone.utc)
     with db.connect("primary") as conn:
-        states = catalog.month_states(conn, newest=needs_newest(now, db.settings))
+        states = catalog.month_states(conn, tables=p.TIERED_TABLES, newest=needs_newest(now, db.settings))
     due = due_months(states, now, db.settings)
     run = DueRun()
     for month in due.warm:
-        for table in p.RANGE_TABLES:
+        for table in p.TIERED_TABLES:
             run.warmed.append(warm_month(db, table, month, now=now, logger=logger))
     archiver = Archiver(db, store, logger=logger)
     for month in due.cold:
@@ -72,7 +72,7 @@ def month_tiers(db: Database, store: ArchiveStore, now: datetime | None = None) 
     now = now or datetime.now(timezone.utc)
     out: list[MonthTier] = []
     with db.connect("primary") as conn:
-        for table in catalog.read_catalog(conn, default_rows="skip", newest=lambda t, m: True).values():
+        for table in catalog.read_catalog(conn, p.TIERED_TABLES, default_rows="skip", newest=lambda t, m: True).values():
             for month, state in table.months.items():
                 if state.attached:
                     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
@@ -102,7 +102,7 @@ def iceberg_lines(db: Database, store: ArchiveStore) -> list[str]:
 
     lines = []
     with ArchiveTables(db, store) as tables, db.connect("primary") as conn:
-        for table in p.RANGE_TABLES:
+        for table in p.TIERED_TABLES:
             tbl = tables.table_in(conn, table)
             name = ".".join(tables.identifier(table))
             if tbl is None:

@@ -49,7 +49,7 @@ def warm_tier(context: dg.AssetExecutionContext, database: DatabaseResource) -> 
     key's week before and after."""
     month = p.parse_month(context.partition_key)
     results, errors = {}, {}
-    for table in p.RANGE_TABLES:
+    for table in p.TIERED_TABLES:
         try:
             results[table.name] = warm_month(database.db, table, month, logger=context.log).metadata()
         except Exception as exc:  # one table failing must not hide the others' outcome

@@ -45,7 +45,7 @@ CHECK_SPECS = [
 def archive_metadata_consistent(db: Database, store: ArchiveStore) -> dg.AssetCheckResult:
     problems, archived_rows, objects_checked = [], 0, 0
     with db.connect("primary") as conn:
-        for table in p.RANGE_TABLES:
+        for table in p.TIERED_TABLES:
             meta, objects = sql.Identifier(p.archive_metadata_name(table)), sql.Identifier(p.archive_objects_name(table))
             for row in conn.execute(sql.SQL(_MISMATCHES).format(meta=meta, objects=objects)):
                 problems.append(f"{table.name} {row[0]}: metadata says {row[1]} rows / {row[3]} B / hash {row[5]}, "
@@ -75,7 +75,7 @@ def archive_metadata_consistent(db: Database, store: ArchiveStore) -> dg.AssetCh
 def archived_months_have_no_late_rows(db: Database) -> dg.AssetCheckResult:
     waiting = {}
     with db.connect("primary") as conn:
-        for table in catalog.read_catalog(conn).values():
+        for table in catalog.read_catalog(conn, p.TIERED_TABLES).values():
             for month, state in table.months.items():
                 if state.archived and state.has_default_rows:
                     waiting[f"{table.table.name} {p.month_year(month)}"] = state.default_rows
@@ -91,7 +91,7 @@ def iceberg_tables_match_archive(db: Database, store: ArchiveStore) -> dg.AssetC
     problems, pending, per_month = [], [], {}
     with ArchiveTables(db, store) as tables, db.connect("primary") as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # metadata and catalog row: one snapshot
-        for table in p.RANGE_TABLES:
+        for table in p.TIERED_TABLES:
             months = catalog.read_table(conn, table, default_rows="skip").months
             held = tables.month_files(tables.table_in(conn, table), table)
             for month in sorted(set(months) | set(held)):

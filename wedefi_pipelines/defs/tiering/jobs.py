@@ -12,15 +12,16 @@ from wedefi_pipelines.tiering.restore import restore_month
 
 
 class RestoreConfig(dg.Config):
-    table: str = Field(description='"PriceSnapshot", "PortfolioSnapshot" or "PositionSnapshot" '
+    table: str = Field(description='"PriceSnapshot", "PortfolioSnapshot", "PositionSnapshot" or "PriceRollupHourly" '
                                    "(PortfolioSnapshot and PositionSnapshot are restored together)")
     month: str = Field(description="the month to restore, like 2025-01")
 
     @field_validator("table")
     @classmethod
     def _known_table(cls, value: str) -> str:
-        if value not in p.RANGE_TABLES_BY_NAME:
-            raise ValueError(f"table must be one of {sorted(p.RANGE_TABLES_BY_NAME)}, got {value!r}")
+        names = [t.name for t in p.TIERED_TABLES]
+        if value not in names:
+            raise ValueError(f"table must be one of {sorted(names)}, got {value!r}")
         return value
 
     @field_validator("month")

@@ -25,7 +25,7 @@ def tiering_requests(database: DatabaseResource, now: datetime, day: str) -> lis
     settings = database.db.settings
     with database.db.connect("primary") as conn:
         locks.set_timeout(conn, "statement_timeout", settings.monitoring.statement_timeout_ms * 10)
-        states = catalog.month_states(conn, newest=needs_newest(now, settings))
+        states = catalog.month_states(conn, tables=p.TIERED_TABLES, newest=needs_newest(now, settings))
     due = due_months(states, now, settings)
     valid = set(monthly_partitions.get_partition_keys(current_time=now))
     requests = []
