@@ -324,3 +324,39 @@ def test_the_hourly_rollup_tiers_warm_then_cold_and_its_chart_reads_the_archive(
         db.wait_replicas()
         late_hour = price_chart(database, "tok-1", *span, "1h").rows[1]  # the late row's own hour, new
         assert late_hour[0] == p.month_bounds(old)[0] + timedelta(hours=1) and late_hour[4] == Decimal("2.5")
+
+
+KILLED_REFRESH = """
+import os, signal, sys
+from datetime import date
+from wedefi_pipelines.resources.database import Database
+from wedefi_pipelines.rollups import statements
+from wedefi_pipelines.rollups.refresh import month_days, refresh
+from wedefi_pipelines.rollups.tables import PRICE
+
+def die(*args, **kwargs):  # after the hourly upsert ran, inside the open transaction
+    os.kill(os.getpid(), signal.SIGKILL)
+
+statements.price_daily = die
+with Database.from_env() as db:
+    refresh(db, PRICE, days=month_days(date.fromisoformat(sys.argv[1])))
+"""
+
+
+def test_a_refresh_killed_mid_transaction_leaves_nothing_and_reruns_to_the_same_rollups(db):
+    month = months_ago(2)
+    with psycopg.connect(db.url) as conn:
+        seed_reference(conn)
+        load_prices(conn, month, step="3 hours")
+    killed = subprocess.run([sys.executable, "-c", KILLED_REFRESH, month.isoformat()], env={**os.environ, **db.env},
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    with psycopg.connect(db.url) as conn:
+        assert conn.execute('SELECT count(*) FROM "PriceRollupHourly"').fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM wedefi_rollup_watermark").fetchone()[0] == 0
+    with db.database() as database:
+        assert len(refresh(database, PRICE, days=month_days(month)).refreshed) == len(month_days(month))
+    with psycopg.connect(db.url) as conn:
+        raw = raw_prices(conn, month)
+        assert stored(conn, "PriceRollupHourly", month) == expected_prices(raw, timedelta(hours=1))
+        assert stored(conn, "PriceRollupDaily", month) == expected_prices(raw, timedelta(days=1))

@@ -153,9 +153,6 @@ def refresh(db: Database, fam: Family, *, days: Iterable[date] = (), sweep_since
         for note in result.notes:
             logger.warning(note)
         return result
-    months = sorted({p.month_of(d) for d in wanted})
-    with db.autocommit("primary") as conn:
-        ensure_months(conn, fam, months)
     for month, group in groupby(sorted(wanted), key=p.month_of):
         month_wanted = list(group)
         if month in archived:
@@ -196,8 +193,21 @@ def _refresh_archived(db: Database, fam: Family, store: ArchiveStore, month: dat
 
 def _fold(conn: psycopg.Connection, fam: Family, source: str, days: list[date], kind: str,
           result: RefreshResult) -> None:
-    """Recompute `days` (one month's) from `source` in the caller's transaction."""
+    """Recompute `days` (one month's) from `source` in the caller's transaction. The tiered
+    rollup's table lock (the one its archive and restore take, in lock order) makes the
+    check that its month is neither archived nor being archived hold until commit."""
+    month = p.month_of(days[0])
+    tiered = [t for t in fam.tables if t in p.TIERED_TABLES]
+    for table in tiered:
+        locks.xact_lock(conn, "provisioning.table", table.name)
     locks.xact_lock(conn, "rollups.family", fam.name)
+    for table in tiered:
+        state = catalog.month_state(conn, table, month, default_rows="skip")
+        if state.archived or state.frozen:
+            result.notes.append(f"{p.month_year(month)}: {table.name} is {'archived' if state.archived else 'being archived'}"
+                                f"; {fam.name} rollups not refreshed")
+            return
+    ensure_months(conn, fam, [month])  # DDL only for a month not created yet
     conn.execute("SET LOCAL work_mem = '64MB'")  # a month's rows sort in memory (4 MB spills a day to disk)
     first, last = min(days), max(days)
     start, end = datetime(first.year, first.month, first.day), datetime(last.year, last.month, last.day) + timedelta(days=1)
