@@ -252,7 +252,8 @@ def _summary(stack: devstack.LocalStack, env: dict) -> None:
     print("where to look next:")
     say("wedefi-pipelines demo --keep     keeps this stack up and prints its exports; then, in another shell,\n"
         "                                 paste them and run `dagster dev` here: the runs above are in its UI\n"
-        "docs/partitioning.md, docs/ingestion.md, docs/tiering.md, docs/cache.md, docs/health.md, docs/runbook.md")
+        "docs/partitioning.md, docs/ingestion.md, docs/tiering.md, docs/rollups.md, docs/cache.md, docs/health.md,\n"
+        "docs/runbook.md")
 
 
 def rollup_lines(db: Database, stack: devstack.LocalStack) -> list[str]:
