@@ -157,7 +157,8 @@ def refresh(db: Database, fam: Family, *, days: Iterable[date] = (), sweep_since
         month_wanted = list(group)
         if month in archived:
             if store is None:
-                result.notes.append(f"{p.month_year(month)} is archived: its rollups need the archive store")
+                result.notes.append(f"{p.month_year(month)} is archived: its rollups are computed from the archive, "
+                                    "which is not configured (ARCHIVE_BUCKET, ARCHIVE_PREFIX)")
                 continue
             _refresh_archived(db, fam, store, month, month_wanted, result)
         else:

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from wedefi_pipelines.defs.time_partitions import daily_partitions
-from wedefi_pipelines.resources.archive import ArchiveStoreResource
-from wedefi_pipelines.resources.database import DatabaseResource
+from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreResource
+from wedefi_pipelines.resources.database import ConfigurationError, DatabaseResource
 from wedefi_pipelines.rollups.refresh import RefreshResult, refresh
 from wedefi_pipelines.rollups.tables import PORTFOLIO, PRICE, Family
 from wedefi_pipelines.rollups.verify import verify_sample
@@ -31,6 +31,15 @@ def _check(database: DatabaseResource, fam: Family, asset: str) -> dg.AssetCheck
                     f"differ; {verdict.not_judged} not judged (their day is stale, archived or lost raw rows)",
         metadata={"checked": verdict.checked, "not_judged": verdict.not_judged,
                   "mismatches": dg.MetadataValue.json(verdict.mismatches[:20])})
+
+
+def _store(archive: ArchiveStoreResource) -> ArchiveStore | None:
+    """The archive, when configured: only a month whose raw rows are archived needs it (the
+    refresh then says so in its notes), so rollups run where S3 is not set up."""
+    try:
+        return archive.store
+    except ConfigurationError:
+        return None
 
 
 def _materialize(result: RefreshResult, check: dg.AssetCheckResult) -> dg.MaterializeResult:
@@ -58,7 +67,7 @@ def price_rollups(context: dg.AssetExecutionContext, database: DatabaseResource,
     first, last = window.start.date(), (window.end - timedelta(days=1)).date()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     since = (_today() - timedelta(days=database.db.settings.rollups.sweep_days)).date()
-    result = refresh(database.db, PRICE, days=days, sweep_since=since, store=archive.store, logger=context.log)
+    result = refresh(database.db, PRICE, days=days, sweep_since=since, store=_store(archive), logger=context.log)
     return _materialize(result, _check(database, PRICE, "price_rollups"))
 
 
@@ -70,7 +79,7 @@ def portfolio_rollups(context: dg.AssetExecutionContext, database: DatabaseResou
     close, min, max and count of "PortfolioSnapshot"."totalUsdValue", for the days that
     changed (the watermark), archived months not rolled up yet from the archive."""
     since = (_today() - timedelta(days=database.db.settings.rollups.sweep_days)).date()
-    result = refresh(database.db, PORTFOLIO, sweep_since=since, store=archive.store, logger=context.log)
+    result = refresh(database.db, PORTFOLIO, sweep_since=since, store=_store(archive), logger=context.log)
     return _materialize(result, _check(database, PORTFOLIO, "portfolio_rollups"))
 
 
