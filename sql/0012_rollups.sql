@@ -41,18 +41,9 @@ CREATE TABLE IF NOT EXISTS "PriceRollupHourly_default" PARTITION OF "PriceRollup
 CREATE TABLE IF NOT EXISTS "PriceRollupHourly_archive_metadata" (LIKE "PriceSnapshot_archive_metadata" INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS "PriceRollupHourly_archive_objects" (LIKE "PriceSnapshot_archive_objects" INCLUDING ALL);
 
+-- the same columns, one row per token and UTC day
 CREATE TABLE IF NOT EXISTS "PriceRollupDaily" (
-    "tokenId" text NOT NULL,
-    "bucketStart" timestamp(3) NOT NULL,
-    "openUsd" numeric(36, 18) NOT NULL,
-    "highUsd" numeric(36, 18) NOT NULL,
-    "lowUsd" numeric(36, 18) NOT NULL,
-    "closeUsd" numeric(36, 18) NOT NULL,
-    "sumUsd" numeric(38, 18) NOT NULL,
-    "sampleCount" integer NOT NULL,
-    "firstAt" timestamp(3) NOT NULL,
-    "lastAt" timestamp(3) NOT NULL,
-    "updatedAt" timestamp(3) NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    LIKE "PriceRollupHourly" INCLUDING DEFAULTS,
     CONSTRAINT "PriceRollupDaily_pkey" PRIMARY KEY ("tokenId", "bucketStart")
 ) PARTITION BY RANGE ("bucketStart");
 
