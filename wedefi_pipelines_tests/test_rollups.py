@@ -360,3 +360,39 @@ def test_a_refresh_killed_mid_transaction_leaves_nothing_and_reruns_to_the_same_
         raw = raw_prices(conn, month)
         assert stored(conn, "PriceRollupHourly", month) == expected_prices(raw, timedelta(hours=1))
         assert stored(conn, "PriceRollupDaily", month) == expected_prices(raw, timedelta(days=1))
+
+
+def test_history_older_than_the_sweep_is_folded_and_a_late_write_there_is_folded_by_naming_its_month(
+        db_env, monkeypatch):
+    monkeypatch.delenv("ARCHIVE_BUCKET")
+    old = months_ago(4)
+    with psycopg.connect(db_env.url) as conn:
+        seed_reference(conn)
+        load_prices(conn, old, step="6 hours")
+        load_portfolio(conn, old, every="6 hours")
+    with db_env.database() as database:
+        for family in (PRICE, PORTFOLIO):  # history that predates the rollups: the whole month, once
+            assert sorted(refresh(database, family, sweep_since=date.today()).refreshed) == month_days(old)
+            assert refresh(database, family, sweep_since=date.today()).refreshed == []
+        with psycopg.connect(db_env.url, autocommit=True) as conn:  # the app writes into a months-old day
+            conn.execute("""INSERT INTO "PortfolioSnapshot" (id, "walletId", "totalUsdValue", "tokensTracked",
+                            "capturedAt") VALUES ('pf-app', 'w-1', 1.25, 1, %s)""",
+                         (p.month_bounds(old)[0] + timedelta(days=4, hours=1),))
+            assert refresh(database, PORTFOLIO, sweep_since=date.today()).refreshed == []  # outside the window
+            blocker = archive_blocker(conn, "PortfolioSnapshot", old)
+            assert blocker.startswith(f"rollups behind: 1 day(s) of {p.month_year(old)}")
+            assert f"with config months: ['{p.month_year(old)}']" in blocker
+    run = defs.get_job_def("portfolio_rollups_job").execute_in_process(
+        run_config={"ops": {"portfolio_rollups": {"config": {"months": [p.month_year(old)]}}}},
+        instance=dg.DagsterInstance.ephemeral())
+    assert run.success
+    with psycopg.connect(db_env.url, autocommit=True) as conn:
+        assert archive_blocker(conn, "PortfolioSnapshot", old) is None
+        assert conn.execute("""SELECT "minUsd" FROM "PortfolioRollupDaily" WHERE "walletId" = 'w-1'
+                               AND "bucketStart" = %s""", (p.month_bounds(old)[0] + timedelta(days=4),)).fetchone() == (
+            Decimal("1.25"),)
+    bad = defs.get_job_def("portfolio_rollups_job").execute_in_process(
+        run_config={"ops": {"portfolio_rollups": {"config": {"months": ["November"]}}}},
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    [failure] = [e for e in bad.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert not bad.success and "not a month: 'November'" in failure.step_failure_data.error.to_string()

@@ -16,7 +16,8 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.rollups.refresh import day_stats, in_use, is_behind, watermarks
 from wedefi_pipelines.rollups.tables import FAMILY_OF_GROUP
 
-ASSET_OF_FAMILY = {"price": "price_rollups", "portfolio": "portfolio_rollups"}
+FIX = {"price": "materialize price_rollups for those days (a range backfill from the UI)",
+       "portfolio": "materialize portfolio_rollups with config months: ['{month}']"}
 
 
 def archive_blocker(conn: psycopg.Connection, group: str, month: date) -> str | None:
@@ -33,5 +34,5 @@ def archive_blocker(conn: psycopg.Connection, group: str, month: date) -> str | 
     never = sum(1 for d in behind if d not in marks)
     tables = ", ".join(t.name for t in fam.tables)
     return (f"rollups behind: {len(behind)} day(s) of {p.month_year(month)} not folded into {tables} "
-            f"({never} never rolled up; first {behind[0].isoformat()}); materialize {ASSET_OF_FAMILY[fam.name]} "
-            "for them, then archive")
+            f"({never} never rolled up; first {behind[0].isoformat()}); "
+            f"{FIX[fam.name].format(month=p.month_year(month))}, then archive")

@@ -11,7 +11,10 @@ A day of a month whose rows are archived is recomputed from the archive: the mon
 verified objects loaded into a temporary table with the month's rows still in
 PostgreSQL (late rows), so the same statements run over every source. Months archived
 before rollups existed are found by comparing their archived row count with their
-watermarks. Each window of days is one transaction on the primary, under the family's
+watermarks, months still in PostgreSQL that were never rolled up by having no watermark.
+A write into a month older than the sweep's window that is neither (the app's insert
+into a months-old day) is found by cold_archive's gate; `price_rollups` for those days or
+`portfolio_rollups` with `months` in its config folds it. Each window of days is one transaction on the primary, under the family's
 advisory lock: a crash leaves the previous rollups and watermarks, and a re-run redoes
 the window (the statements are upserts; nothing is ever added twice). A month whose
 hourly price rollups are themselves archived (the cold tier, after tiers.PriceRollupHourly)
@@ -107,6 +110,23 @@ def stale_days(conn: psycopg.Connection, fam: Family, since: date) -> list[date]
     return sorted(d for d, stat in raw.items() if is_behind(stat, marks.get(d)))
 
 
+def months_never_folded(conn: psycopg.Connection, fam: Family, before: date) -> list[date]:
+    """Months before `before` still in PostgreSQL, holding rows, with no watermark at all:
+    history loaded before rollups existed (newer months are the stale-day scan's)."""
+    folded = {m for (m,) in conn.execute(sql.SQL(
+        "SELECT DISTINCT date_trunc('month', day)::date FROM {} WHERE family = %s").format(
+        sql.Identifier(st.WATERMARK)), (fam.name,))}
+    never = []
+    for month in catalog.attached_months(conn, fam.source):
+        if month >= p.month_of(before) or month in folded:
+            continue
+        start, end = p.month_bounds(month)
+        if conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {t} >= %s AND {t} < %s)").format(
+                sql.Identifier(fam.source.name), t=sql.Identifier(fam.source.time_column)), (start, end)).fetchone()[0]:
+            never.append(month)
+    return never
+
+
 def archived_months_behind(conn: psycopg.Connection, fam: Family) -> list[date]:
     """Archived months whose archived rows outnumber the rows their watermarks folded in
     (archived before rollups existed, or before their last late rows were folded)."""
@@ -132,18 +152,19 @@ def month_days(month: date) -> list[date]:
 def refresh(db: Database, fam: Family, *, days: Iterable[date] = (), sweep_since: date | None = None,
             store: ArchiveStore | None = None, logger: logging.Logger | None = None) -> RefreshResult:
     """Recompute `days` and, with `sweep_since`, every stale day from then on, every day
-    waiting in the default partition and every archived month behind its watermarks."""
+    waiting in the default partition, every archived month behind its watermarks and every
+    older month in PostgreSQL never rolled up."""
     logger = logger or log
     result = RefreshResult(fam.name)
     wanted = set(days)
-    archived_behind: list[date] = []
+    whole_months: list[date] = []
     with db.connect("primary") as conn:
         if sweep_since is not None:
             wanted |= set(stale_days(conn, fam, sweep_since))
-            archived_behind = archived_months_behind(conn, fam)
+            whole_months = archived_months_behind(conn, fam) + months_never_folded(conn, fam, sweep_since)
         archived = catalog.archived_months(conn, fam.source)
         frozen = set().union(*(catalog.archived_months(conn, t) for t in fam.tables if t in p.TIERED_TABLES))
-    for month in archived_behind:
+    for month in whole_months:
         wanted |= set(month_days(month))
     for month in sorted(frozen & {p.month_of(d) for d in wanted}):  # its rollups are in the cold tier themselves
         result.notes.append(f"{p.month_year(month)}: {fam.name} rollups archived, not refreshed (restore the month "

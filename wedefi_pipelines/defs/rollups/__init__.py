@@ -6,10 +6,13 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from pydantic import Field, field_validator
+
+from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.defs.time_partitions import daily_partitions
 from wedefi_pipelines.resources.archive import ArchiveStore, ArchiveStoreResource
 from wedefi_pipelines.resources.database import ConfigurationError, DatabaseResource
-from wedefi_pipelines.rollups.refresh import RefreshResult, refresh
+from wedefi_pipelines.rollups.refresh import RefreshResult, month_days, refresh
 from wedefi_pipelines.rollups.tables import PORTFOLIO, PRICE, Family
 from wedefi_pipelines.rollups.verify import verify_sample
 
@@ -61,8 +64,9 @@ def price_rollups(context: dg.AssetExecutionContext, database: DatabaseResource,
     low, close, sum and count of "PriceSnapshot" over all sources. A run recomputes its
     days, then every other day whose raw rows changed since they were folded in (the
     watermark: the app's writes, late rows, drains and restores included), looking back
-    rollups.sweep_days days and at every row in the default partition; archived months
-    not rolled up yet are computed from the archive. Idempotent."""
+    rollups.sweep_days days, at every row in the default partition and at older months
+    never rolled up; archived months not rolled up yet are computed from the archive.
+    Idempotent."""
     window = context.partition_time_window
     first, last = window.start.date(), (window.end - timedelta(days=1)).date()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
@@ -71,15 +75,30 @@ def price_rollups(context: dg.AssetExecutionContext, database: DatabaseResource,
     return _materialize(result, _check(database, PRICE, "price_rollups"))
 
 
+class PortfolioRollupsConfig(dg.Config):
+    months: list[str] = Field(default_factory=list, description=(
+        "Months to recompute whole, like 2025-11 (a repair, or what cold_archive's 'rollups behind' names); "
+        "the days that changed are refreshed anyway."))
+
+    @field_validator("months")
+    @classmethod
+    def _months(cls, values: list[str]) -> list[str]:
+        for value in values:
+            p.parse_month(value)  # a clear error naming the value
+        return values
+
+
 @dg.asset(deps=["portfolio_snapshots"], check_specs=[_spec("portfolio_rollups")], kinds={"postgres"},
           group_name="rollups")
-def portfolio_rollups(context: dg.AssetExecutionContext, database: DatabaseResource,
+def portfolio_rollups(context: dg.AssetExecutionContext, config: PortfolioRollupsConfig, database: DatabaseResource,
                       archive: ArchiveStoreResource) -> dg.MaterializeResult:
     """"PortfolioRollupDaily": per wallet (and the all-wallets NULL row) and UTC day, open,
     close, min, max and count of "PortfolioSnapshot"."totalUsdValue", for the days that
-    changed (the watermark), archived months not rolled up yet from the archive."""
+    changed (the watermark), older months never rolled up, archived months not rolled up
+    yet from the archive, and the whole `months` of its config."""
     since = (_today() - timedelta(days=database.db.settings.rollups.sweep_days)).date()
-    result = refresh(database.db, PORTFOLIO, sweep_since=since, store=_store(archive), logger=context.log)
+    days = [d for month in config.months for d in month_days(p.parse_month(month))]
+    result = refresh(database.db, PORTFOLIO, days=days, sweep_since=since, store=_store(archive), logger=context.log)
     return _materialize(result, _check(database, PORTFOLIO, "portfolio_rollups"))
 
 
