@@ -44,7 +44,6 @@ from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.cache import connect_redis
 from wedefi_pipelines.resources.database import Database, DatabaseResource
 from wedefi_pipelines.rollups.reads import price_chart
-from wedefi_pipelines.rollups.tables import PORTFOLIO_DAILY, PRICE_DAILY, PRICE_HOURLY
 from wedefi_pipelines.tiering.history import price_history
 from wedefi_pipelines.tiering.report import format_tiers, iceberg_lines, month_tiers
 
@@ -261,7 +260,7 @@ def rollup_lines(db: Database, stack: devstack.LocalStack) -> list[str]:
     archived month) served from them alone."""
     with db.connect("primary") as conn:
         counts = [(t.name, conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t.name))).fetchone()[0])
-                  for t in (PRICE_HOURLY, PRICE_DAILY, PORTFOLIO_DAILY)]
+                  for t in (p.PRICE_ROLLUP_HOURLY, p.PRICE_ROLLUP_DAILY, p.PORTFOLIO_ROLLUP_DAILY)]
         token = conn.execute('SELECT id, symbol FROM "Token" ORDER BY id LIMIT 1').fetchone()
         archived = catalog.archived_months(conn, p.PRICE_SNAPSHOT)
     lines = ["rollups: " + ", ".join(f"{name} {n:,} rows" for name, n in counts)]

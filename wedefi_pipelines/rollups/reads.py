@@ -22,11 +22,11 @@ from wedefi_pipelines import catalog
 from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
-from wedefi_pipelines.rollups.tables import PRICE_DAILY, PRICE_HOURLY, RESOLUTIONS
+from wedefi_pipelines.rollups.tables import RESOLUTIONS
 
 WORKLOAD = "user_dashboard"  # a chart is a user-facing read: the read replica, as the seed routes it
 CHART_COLUMNS = ("bucketStart", "openUsd", "highUsd", "lowUsd", "closeUsd", "averageUsd", "sampleCount")
-INTERVAL_TABLES = {timedelta(minutes=60): PRICE_HOURLY, timedelta(minutes=1440): PRICE_DAILY}
+INTERVAL_TABLES = {timedelta(minutes=60): p.PRICE_ROLLUP_HOURLY, timedelta(minutes=1440): p.PRICE_ROLLUP_DAILY}
 
 
 @dataclass

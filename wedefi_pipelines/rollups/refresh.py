@@ -14,9 +14,9 @@ before rollups existed are found by comparing their archived row count with thei
 watermarks, months still in PostgreSQL that were never rolled up by having no watermark.
 A write into a month older than the sweep's window that is neither (the app's insert
 into a months-old day) is found by cold_archive's gate; `price_rollups` for those days or
-`portfolio_rollups` with `months` in its config folds it. Each window of days is one transaction on the primary, under the family's
-advisory lock: a crash leaves the previous rollups and watermarks, and a re-run redoes
-the window (the statements are upserts; nothing is ever added twice). A month whose
+`portfolio_rollups` with `months` in its config folds it. Each window of days is one
+transaction on the primary, under the family's advisory lock: a crash leaves the
+previous rollups and watermarks, and a re-run redoes the window (the statements are upserts; nothing is ever added twice). A month whose
 hourly price rollups are themselves archived (the cold tier, after tiers.PriceRollupHourly)
 is not refreshed: its daily rows are made from those hours.
 """
@@ -39,7 +39,7 @@ from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.resources.archive import ArchiveStore
 from wedefi_pipelines.resources.database import Database
 from wedefi_pipelines.rollups import statements as st
-from wedefi_pipelines.rollups.tables import PORTFOLIO_DAILY, PRICE_DAILY, PRICE_HOURLY, Family, ensure_months
+from wedefi_pipelines.rollups.tables import Family, ensure_months
 
 log = logging.getLogger(__name__)
 STAGED = "wedefi_rollup_source"  # the temporary table an archived month is loaded into
@@ -163,16 +163,9 @@ def refresh(db: Database, fam: Family, *, days: Iterable[date] = (), sweep_since
             wanted |= set(stale_days(conn, fam, sweep_since))
             whole_months = archived_months_behind(conn, fam) + months_never_folded(conn, fam, sweep_since)
         archived = catalog.archived_months(conn, fam.source)
-        frozen = set().union(*(catalog.archived_months(conn, t) for t in fam.tables if t in p.TIERED_TABLES))
     for month in whole_months:
         wanted |= set(month_days(month))
-    for month in sorted(frozen & {p.month_of(d) for d in wanted}):  # its rollups are in the cold tier themselves
-        result.notes.append(f"{p.month_year(month)}: {fam.name} rollups archived, not refreshed (restore the month "
-                            "of PriceRollupHourly first)")
-        wanted = {d for d in wanted if p.month_of(d) != month}
     if not wanted:
-        for note in result.notes:
-            logger.warning(note)
         return result
     for month, group in groupby(sorted(wanted), key=p.month_of):
         month_wanted = list(group)
@@ -225,14 +218,16 @@ def _fold(conn: psycopg.Connection, fam: Family, source: str, days: list[date], 
     locks.xact_lock(conn, "rollups.family", fam.name)
     for table in tiered:
         state = catalog.month_state(conn, table, month, default_rows="skip")
-        if state.archived or state.frozen:
-            result.notes.append(f"{p.month_year(month)}: {table.name} is {'archived' if state.archived else 'being archived'}"
-                                f"; {fam.name} rollups not refreshed")
+        if state.archived or state.frozen:  # its rollups are in (or going to) the cold tier themselves
+            why = "is archived: restore that month of it first" if state.archived else "is being archived"
+            result.notes.append(f"{p.month_year(month)}: {fam.name} rollups archived, not refreshed "
+                                f"({table.name} {why})")
             return
     ensure_months(conn, fam, [month])  # DDL only for a month not created yet
     conn.execute("SET LOCAL work_mem = '64MB'")  # a month's rows sort in memory (4 MB spills a day to disk)
     first, last = min(days), max(days)
-    start, end = datetime(first.year, first.month, first.day), datetime(last.year, last.month, last.day) + timedelta(days=1)
+    start = datetime(first.year, first.month, first.day)
+    end = datetime(last.year, last.month, last.day) + timedelta(days=1)
     raw = day_stats(conn, source, fam.source.time_column, start, end)
     marks = watermarks(conn, fam, first, last + timedelta(days=1))
     todo = []
@@ -246,9 +241,9 @@ def _fold(conn: psycopg.Connection, fam: Family, source: str, days: list[date], 
         todo.append(day)
     if not todo:
         return
-    statements = ({PRICE_HOURLY.name: st.price_hourly(source, start, end, todo),
-                   PRICE_DAILY.name: st.price_daily(start, end, todo)} if fam.name == "price"
-                  else {PORTFOLIO_DAILY.name: st.portfolio_daily(source, start, end, todo)})
+    statements = ({p.PRICE_ROLLUP_HOURLY.name: st.price_hourly(source, start, end, todo),
+                   p.PRICE_ROLLUP_DAILY.name: st.price_daily(start, end, todo)} if fam.name == "price"
+                  else {p.PORTFOLIO_ROLLUP_DAILY.name: st.portfolio_daily(source, start, end, todo)})
     for table, statement in statements.items():  # in order: the daily prices are made from the hours
         written, deleted = conn.execute(statement).fetchone()
         result.rows_written[table] = result.rows_written.get(table, 0) + written

@@ -14,7 +14,8 @@ from datetime import date, datetime
 
 from psycopg import sql
 
-from wedefi_pipelines.rollups.tables import PORTFOLIO_DAILY, PRICE_DAILY, PRICE_HOURLY
+from wedefi_pipelines import partitioning as p
+
 
 WATERMARK = "wedefi_rollup_watermark"
 
@@ -78,8 +79,8 @@ SELECT "tokenId", date_trunc('hour', "recordedAt"),
        min("recordedAt"), max("recordedAt")
   FROM {src} WHERE {filter} GROUP BY 1, 2""").format(src=sql.Identifier(source),
                                                     filter=_filter("recordedAt", start, end, days))
-    return _refresh(PRICE_HOURLY.name, "tokenId", _PRICE_COLUMNS, fresh, '"tokenId", "bucketStart"', PRICE_VALUES,
-                    start, end, days)
+    return _refresh(p.PRICE_ROLLUP_HOURLY.name, "tokenId", _PRICE_COLUMNS, fresh, '"tokenId", "bucketStart"',
+                    PRICE_VALUES, start, end, days)
 
 
 def price_daily(start: datetime, end: datetime, days: list[date]) -> sql.Composed:
@@ -90,10 +91,10 @@ SELECT "tokenId", date_trunc('day', "bucketStart"),
        (array_agg("openUsd" ORDER BY "bucketStart"))[1], max("highUsd"), min("lowUsd"),
        (array_agg("closeUsd" ORDER BY "bucketStart" DESC))[1], sum("sumUsd"), sum("sampleCount")::integer,
        min("firstAt"), max("lastAt")
-  FROM {hourly} WHERE {filter} GROUP BY 1, 2""").format(hourly=sql.Identifier(PRICE_HOURLY.name),
+  FROM {hourly} WHERE {filter} GROUP BY 1, 2""").format(hourly=sql.Identifier(p.PRICE_ROLLUP_HOURLY.name),
                                                        filter=_filter("bucketStart", start, end, days))
-    return _refresh(PRICE_DAILY.name, "tokenId", _PRICE_COLUMNS, fresh, '"tokenId", "bucketStart"', PRICE_VALUES,
-                    start, end, days)
+    return _refresh(p.PRICE_ROLLUP_DAILY.name, "tokenId", _PRICE_COLUMNS, fresh, '"tokenId", "bucketStart"',
+                    PRICE_VALUES, start, end, days)
 
 
 def portfolio_daily(source: str, start: datetime, end: datetime, days: list[date]) -> sql.Composed:
@@ -109,8 +110,8 @@ SELECT md5(coalesce("walletId", '') || '/' || to_char(bucket, 'YYYY-MM-DD'))::uu
  GROUP BY "walletId", bucket""").format(src=sql.Identifier(source), filter=_filter("capturedAt", start, end, days))
     columns = ('id, "walletId", "bucketStart", "openUsd", "closeUsd", "minUsd", "maxUsd", "sampleCount", "firstAt", '
                '"lastAt"')
-    return _refresh(PORTFOLIO_DAILY.name, "walletId", columns, fresh, '"walletId", "bucketStart"', PORTFOLIO_VALUES,
-                    start, end, days)
+    return _refresh(p.PORTFOLIO_ROLLUP_DAILY.name, "walletId", columns, fresh, '"walletId", "bucketStart"',
+                    PORTFOLIO_VALUES, start, end, days)
 
 
 def save_watermarks(family: str, source_kind: str) -> sql.Composed:

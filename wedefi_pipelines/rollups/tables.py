@@ -20,11 +20,6 @@ from wedefi_pipelines import catalog, month_ops
 from wedefi_pipelines import partitioning as p
 
 
-PRICE_HOURLY = p.PRICE_ROLLUP_HOURLY
-PRICE_DAILY = p.PRICE_ROLLUP_DAILY
-PORTFOLIO_DAILY = p.PORTFOLIO_ROLLUP_DAILY
-
-
 @dataclass(frozen=True)
 class Family:
     name: str  # wedefi_rollup_watermark.family
@@ -33,13 +28,13 @@ class Family:
     columns: tuple[str, ...]  # the raw columns the rollups read
 
 
-PRICE = Family("price", p.PRICE_SNAPSHOT, (PRICE_HOURLY, PRICE_DAILY),
+PRICE = Family("price", p.PRICE_SNAPSHOT, (p.PRICE_ROLLUP_HOURLY, p.PRICE_ROLLUP_DAILY),
                ("tokenId", "priceUsd", "source", "recordedAt", "createdAt"))
-PORTFOLIO = Family("portfolio", p.PORTFOLIO_SNAPSHOT, (PORTFOLIO_DAILY,),
+PORTFOLIO = Family("portfolio", p.PORTFOLIO_SNAPSHOT, (p.PORTFOLIO_ROLLUP_DAILY,),
                    ("id", "walletId", "totalUsdValue", "capturedAt", "createdAt"))
 FAMILIES = {f.name: f for f in (PRICE, PORTFOLIO)}
 FAMILY_OF_GROUP = {PRICE.source.group: PRICE, PORTFOLIO.source.group: PORTFOLIO}
-RESOLUTIONS = {"1h": PRICE_HOURLY, "1d": PRICE_DAILY}
+RESOLUTIONS = {"1h": p.PRICE_ROLLUP_HOURLY, "1d": p.PRICE_ROLLUP_DAILY}
 
 
 def family(name: str) -> Family:

@@ -14,12 +14,13 @@ from decimal import Decimal, localcontext
 import psycopg
 from psycopg import sql
 
+from wedefi_pipelines import partitioning as p
 from wedefi_pipelines.rollups import statements as st
 from wedefi_pipelines.rollups.refresh import day_stats, watermarks
-from wedefi_pipelines.rollups.tables import PORTFOLIO_DAILY, PRICE_DAILY, PRICE_HOURLY, Family
+from wedefi_pipelines.rollups.tables import Family
 
-WIDTHS = {PRICE_HOURLY.name: timedelta(hours=1), PRICE_DAILY.name: timedelta(days=1),
-          PORTFOLIO_DAILY.name: timedelta(days=1)}
+WIDTHS = {p.PRICE_ROLLUP_HOURLY.name: timedelta(hours=1), p.PRICE_ROLLUP_DAILY.name: timedelta(days=1),
+          p.PORTFOLIO_ROLLUP_DAILY.name: timedelta(days=1)}
 
 
 @dataclass
@@ -29,30 +30,30 @@ class Verification:
     mismatches: list[dict] = field(default_factory=list)
 
 
+def _open_close(rows: list[tuple]) -> tuple:
+    """(open, close, first time, last time) of (value, tie-breaker, time) rows: the values
+    at the earliest and latest time, ties broken by the greatest tie-breaker."""
+    first, last = min(r[2] for r in rows), max(r[2] for r in rows)
+    opening = max((r for r in rows if r[2] == first), key=lambda r: r[1])
+    closing = max((r for r in rows if r[2] == last), key=lambda r: r[1])
+    return opening[0], closing[0], first, last
+
+
 def _price_values(rows: list[tuple]) -> tuple:
     """(open, high, low, close, sum, count, first, last) of (price, source, recordedAt) rows."""
-    opening = min(rows, key=lambda r: (r[2], _desc(r[1])))
-    closing = max(rows, key=lambda r: (r[2], r[1]))
+    opening, closing, first, last = _open_close(rows)
     prices = [r[0] for r in rows]
     with localcontext() as exact:
         exact.prec = 80  # numeric(38, 18) sums exactly
         total = sum(prices, Decimal(0))
-    return (opening[0], max(prices), min(prices), closing[0], total, len(rows),
-            min(r[2] for r in rows), max(r[2] for r in rows))
+    return opening, max(prices), min(prices), closing, total, len(rows), first, last
 
 
 def _portfolio_values(rows: list[tuple]) -> tuple:
     """(open, close, min, max, count, first, last) of (value, id, capturedAt) rows."""
-    opening = min(rows, key=lambda r: (r[2], _desc(r[1])))
-    closing = max(rows, key=lambda r: (r[2], r[1]))
+    opening, closing, first, last = _open_close(rows)
     values = [r[0] for r in rows]
-    return (opening[0], closing[0], min(values), max(values), len(rows), min(r[2] for r in rows),
-            max(r[2] for r in rows))
-
-
-def _desc(text: str) -> tuple:
-    """A key that sorts strings in descending order."""
-    return tuple(-ord(c) for c in text) + (1,)
+    return opening, closing, min(values), max(values), len(rows), first, last
 
 
 def verify_sample(conn: psycopg.Connection, fam: Family, sample: int, since: datetime) -> Verification:
